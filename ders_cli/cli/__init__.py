@@ -1,0 +1,1 @@
+"""The ``ders`` command: a thin Typer layer over the library (see ``app``)."""

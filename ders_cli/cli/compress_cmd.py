@@ -1,0 +1,87 @@
+"""ders compress MODEL --drop P and ders quantize MODEL --bits K"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..compress import CompressResult, compress
+from ..constants import DEFAULT_GROUP_SIZE
+from ..decompose import CodecSpec, QuantSpec, SparseSpec
+from .console import RichReporter, human_bytes, out, print_json, reported
+from .options import (
+    DEFAULT_THRESHOLD,
+    BaseOpt,
+    ForceOpt,
+    JsonOpt,
+    ModelArg,
+    OutOpt,
+    QuietOpt,
+    ThresholdOpt,
+)
+
+
+def compress_cmd(
+    model: ModelArg,
+    drop: Annotated[float, typer.Option("--drop", help="Fraction of each delta to drop, "
+                                        "in [0, 1); survivors are rescaled.")],
+    out_path: OutOpt = None,
+    base: BaseOpt = "mean",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random masks.")] = 0,
+    threshold: ThresholdOpt = DEFAULT_THRESHOLD,
+    force: ForceOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """DeRS sparsification: one base per expert group plus sparse deltas, into a .ders file."""
+    _run(model, SparseSpec(drop, seed), out_path, base, threshold, force, json, quiet)
+
+
+def quantize_cmd(
+    model: ModelArg,
+    bits: Annotated[int, typer.Option("--bits", help="Bits per delta element: 1, 2, 3, 4 or 8.")],
+    out_path: OutOpt = None,
+    group_size: Annotated[int, typer.Option(
+        "--group-size", help="Elements sharing one scale and offset.")] = DEFAULT_GROUP_SIZE,
+    base: BaseOpt = "mean",
+    threshold: ThresholdOpt = DEFAULT_THRESHOLD,
+    force: ForceOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """DeRS quantization: one base per expert group plus k-bit deltas, into a .ders file."""
+    _run(model, QuantSpec(bits, group_size), out_path, base, threshold, force, json, quiet)
+
+
+def _run(model: str, spec: CodecSpec, out_path, base: str, threshold: float, force: bool,
+         json: bool, quiet: bool) -> None:
+    start = time.perf_counter()
+    with reported():
+        result = compress(model, spec, out_path, base=base, threshold=threshold,
+                          overwrite=force, reporter=RichReporter(quiet or json))
+    if json:
+        doc = result.to_dict()
+        doc["seconds"] = time.perf_counter() - start
+        print_json(doc)
+    else:
+        show(result, time.perf_counter() - start)
+
+
+def show(r: CompressResult, seconds: float) -> None:
+    table = Table(title=f"{r.setting}: expert groups", title_justify="left")
+    for col, just in (("group", "left"), ("N", "right"), ("stored as", "left"),
+                      ("bytes", "right"), ("of original", "right"), ("rel. error (max)", "right"),
+                      ("cos (min)", "right")):
+        table.add_column(col, justify=just)
+    for g in r.groups:
+        passthrough = g.action == "passthrough"
+        table.add_row(g.key, str(g.members), "as it is" if passthrough else r.setting,
+                      human_bytes(g.stored_bytes), f"{g.stored_bytes / g.original_bytes:.1%}",
+                      "-" if passthrough else f"{g.max_rel_error:.2e}",
+                      "-" if passthrough else f"{g.min_cos:.6f}")
+    out.print(table)
+    out.print(f"wrote [bold]{r.archive}[/]: {human_bytes(r.archive_bytes)}, "
+              f"{r.ratio:.1%} of {human_bytes(r.input_bytes)}, in {seconds:.1f} s")

@@ -1,0 +1,99 @@
+"""The consoles every command shares, and the reporter that draws progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from ..errors import DersError
+
+
+def _console(stderr: bool) -> Console:
+    # Piped output (a file, a README, CI logs) is not wrapped at 80 columns: tensor names are long.
+    probe = Console(stderr=stderr)
+    width = None if probe.is_terminal or os.environ.get("COLUMNS") else 160
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def human_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000 or unit == "B":
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def print_json(doc: object) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Turn a DersError into its one line on stderr and its exit code; never a traceback."""
+    try:
+        yield
+    except DersError as exc:
+        err.print(f"[bold red]ders:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+class RichReporter:
+    """Progress on stderr, bytes and groups; off when quiet or when stderr is not a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.enabled = not quiet and err.is_terminal
+        self._progress: Progress | None = None
+        self._task = None
+
+    def start(self, label: str, total_bytes: int, total_groups: int) -> None:
+        if not self.enabled:
+            return
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=False),
+            TransferSpeedColumn(), TextColumn("{task.fields[done]}/{task.fields[groups]} groups"),
+            TimeRemainingColumn(), console=err, transient=True)
+        self._progress.start()
+        self._task = self._progress.add_task(label, total=total_bytes, done=0,
+                                             groups=total_groups)
+
+    def advance(self, nbytes: int, groups: int = 0) -> None:
+        if self._progress is not None:
+            done = self._progress.tasks[0].fields["done"] + groups
+            self._progress.update(self._task, advance=nbytes, done=done)
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            console = self._progress.console if self._progress is not None else err
+            console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None

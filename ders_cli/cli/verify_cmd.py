@@ -1,0 +1,58 @@
+"""ders verify ARCHIVE [--against MODEL]"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..verify import VerifyReport, verify
+from .console import RichReporter, err, out, print_json, reported
+from .options import ArchiveArg, JsonOpt, QuietOpt
+
+
+def verify_cmd(
+    archive: ArchiveArg,
+    against: Annotated[str | None, typer.Option(
+        "--against", help="The original model: check it is the archive's source and measure "
+                          "the error of every reconstructed expert.", show_default=False)] = None,
+    max_error: Annotated[float | None, typer.Option(
+        "--max-error", help="Fail when an expert's relative error exceeds this.",
+        show_default=False)] = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check integrity (checksums, structure, synthesis) and, with --against, measure error."""
+    with reported():
+        report = verify(archive, against, max_error=max_error,
+                        reporter=RichReporter(quiet or json))
+    if json:
+        print_json(report.to_dict())
+    else:
+        show(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def show(r: VerifyReport) -> None:
+    if r.groups:
+        measured = all(g.measured for g in r.groups)
+        table = Table(title="Expert groups" + (" against " + str(r.against) if measured else
+                                                " (errors as recorded when written)"),
+                      title_justify="left")
+        for col, just in (("group", "left"), ("N", "right"), ("codec", "left"),
+                          ("rel. error (max)", "right"), ("cos (min)", "right")):
+            table.add_column(col, justify=just)
+        for g in r.groups:
+            table.add_row(g.key, str(g.members), g.codec, f"{g.max_rel_error:.2e}",
+                          f"{g.min_cos:.6f}")
+        out.print(table)
+    for p in r.problems:
+        err.print(f"[bold red]FAIL:[/] {p}", soft_wrap=True)
+    if r.ok:
+        exact = f", {r.passthrough_exact} passthrough tensors bit-exact" if r.against else ""
+        out.print(f"[green]OK[/]: {r.archive}: {r.stored_arrays} stored arrays intact, "
+                  f"{r.tensors} tensors{exact}")
+    else:
+        out.print(f"[bold red]FAILED[/]: {r.archive}: {len(r.problems)} problem(s)")

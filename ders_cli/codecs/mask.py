@@ -1,0 +1,99 @@
+"""The random mask of the sparse codec: k distinct positions out of n, regenerated from a seed.
+
+The positions are the first k outputs of a keyed pseudo-random permutation of [0, n): a
+balanced Feistel network over b bits (2^b >= n) with cycle walking. Only integer arithmetic on
+fixed widths is used, so every platform and every future numpy gives the same bits; the
+specification is docs/FORMAT.md ("Random masks") and golden vectors pin it in the tests.
+
+Drawing k outputs costs O(k), not O(n): at drop 0.9 that is one tenth of one random number
+per element. The first k outputs for a seed are a prefix of the first k' > k, so masks of one
+seed are nested across drop rates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..constants import (
+    FMIX32_MUL1,
+    FMIX32_MUL2,
+    MASK_ROUNDS,
+    SPLITMIX_GAMMA,
+    SPLITMIX_MUL1,
+    SPLITMIX_MUL2,
+)
+
+_M64 = (1 << 64) - 1
+
+
+def splitmix64(state: int) -> tuple[int, int]:
+    """One step of SplitMix64: (output, next state), all modulo 2^64."""
+    state = (state + SPLITMIX_GAMMA) & _M64
+    z = state
+    z = ((z ^ (z >> 30)) * SPLITMIX_MUL1) & _M64
+    z = ((z ^ (z >> 27)) * SPLITMIX_MUL2) & _M64
+    return z ^ (z >> 31), state
+
+
+def round_keys(seed: int) -> list[int]:
+    """The 32-bit round keys: the low halves of the first MASK_ROUNDS SplitMix64 outputs."""
+    keys, state = [], seed & _M64
+    for _ in range(MASK_ROUNDS):
+        out, state = splitmix64(state)
+        keys.append(out & 0xFFFFFFFF)
+    return keys
+
+
+def half_bits(n: int) -> int:
+    """Half the Feistel width: the smallest h >= 1 with 4^h >= n."""
+    h = 1
+    while (1 << (2 * h)) < n:
+        h += 1
+    return h
+
+
+def _fmix32(x: np.ndarray) -> np.ndarray:
+    # MurmurHash3's finalizer on uint32 lanes; numpy wraps uint32 products modulo 2^32.
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(FMIX32_MUL1)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(FMIX32_MUL2)
+    return x ^ (x >> np.uint32(16))
+
+
+def _feistel(v: np.ndarray, keys: list[int], h: int) -> np.ndarray:
+    mask32 = np.uint32((1 << h) - 1)
+    left = (v >> np.uint64(h)).astype(np.uint32)
+    right = (v & np.uint64((1 << h) - 1)).astype(np.uint32)
+    for key in keys:
+        left, right = right, left ^ (_fmix32(right ^ np.uint32(key)) & mask32)
+    return (left.astype(np.uint64) << np.uint64(h)) | right.astype(np.uint64)
+
+
+def permutation_prefix(seed: int, n: int, k: int) -> np.ndarray:
+    """perm(0), ..., perm(k-1) of the seeded permutation of [0, n), as uint64, unsorted."""
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot choose {k} of {n} positions")
+    if n >= 1 << 64:
+        raise ValueError("masks cover at most 2^64 - 1 elements")
+    if k == 0:
+        return np.empty(0, dtype=np.uint64)
+    keys, h = round_keys(seed), half_bits(n)
+    v = _feistel(np.arange(k, dtype=np.uint64), keys, h)
+    # Cycle walking: re-apply the permutation of [0, 4^h) until the value lands in [0, n).
+    todo = np.flatnonzero(v >= np.uint64(n))
+    while todo.size:
+        w = _feistel(v[todo], keys, h)
+        v[todo] = w
+        todo = todo[w >= np.uint64(n)]
+    return v
+
+
+def mask_positions(seed: int, n: int, k: int) -> np.ndarray:
+    """The kept positions in ascending order (int64), the order values are stored in."""
+    if k == n:
+        return np.arange(n, dtype=np.int64)
+    chosen = np.zeros(n, dtype=bool)
+    chosen[permutation_prefix(seed, n, k)] = True
+    # A bitmap and flatnonzero sort in O(n) sequential passes, cheaper than sorting k indices.
+    return np.flatnonzero(chosen)

@@ -1,0 +1,109 @@
+"""DeRS sparsification: keep a random subset of each delta, rescaled, and regenerate the subset
+from a seed instead of storing its indices.
+
+The paper drops each element with probability p and rescales the survivors by 1/(1-p). Here
+exactly k = round(n * (1 - p)) positions are kept (so sizes are known before any data is read,
+and training with a fixed index vector of that length matches), and survivors are rescaled by
+n / k, the exact inverse of the kept fraction. Values are stored rescaled, in the tensor's own
+dtype, in ascending position order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..constants import CODEC_SPARSE, INDEX_ALL, INDEX_SEED
+from ..safetensors_io import TORCH_DTYPES
+from .base import ArraySpec, DeltaCodec, compute_dtype
+from .mask import mask_positions
+
+
+def keep_count(numel: int, drop: float) -> int:
+    """How many positions a drop rate keeps: round half up of numel * (1 - drop)."""
+    return min(numel, math.floor(numel * (1.0 - drop) + 0.5))
+
+
+def rescale_factor(numel: int, keep: int) -> float:
+    return numel / keep if keep else 0.0
+
+
+def encode_values(delta: torch.Tensor, seed: int, keep: int, dtype: torch.dtype) -> torch.Tensor:
+    """The kept, rescaled values of one flattened delta, in ascending position order."""
+    numel = delta.numel()
+    if keep == numel:
+        return delta.to(dtype)
+    pos = torch.from_numpy(mask_positions(seed, numel, keep))
+    scale = torch.tensor(rescale_factor(numel, keep), dtype=delta.dtype)
+    return (delta[pos] * scale).to(dtype)
+
+
+def decode_values(values: torch.Tensor, seed: int, numel: int,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """The dense delta (zeros where dropped) of one member."""
+    keep = values.numel()
+    if keep == numel:
+        return values.to(out_dtype)
+    out = torch.zeros(numel, dtype=out_dtype)
+    if keep:
+        out[torch.from_numpy(mask_positions(seed, numel, keep))] = values.to(out_dtype)
+    return out
+
+
+def parse_seed(text: str) -> int:
+    if not isinstance(text, str) or len(text) != 16:
+        raise ValueError(f"a seed is 16 hex digits, got {text!r}")
+    return int(text, 16)
+
+
+class SparseCodec(DeltaCodec):
+    """Parameters: ``drop`` (informative), ``keep``, ``index`` ("seed" or "all"), ``seeds``."""
+
+    name = CODEC_SPARSE
+
+    @classmethod
+    def params(cls, drop: float, numel: int, seeds: list[int]) -> dict:
+        keep = keep_count(numel, drop)
+        return {
+            "drop": drop,
+            "keep": keep,
+            "index": INDEX_ALL if keep == numel else INDEX_SEED,
+            "seeds": [f"{s & (2**64 - 1):016x}" for s in seeds],
+        }
+
+    @classmethod
+    def validate(cls, params: dict, members: int, numel: int) -> None:
+        keep, index, seeds = params.get("keep"), params.get("index"), params.get("seeds")
+        if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= numel:
+            raise ValueError(f"sparse keep must be an integer in [0, {numel}], got {keep!r}")
+        if index not in (INDEX_ALL, INDEX_SEED):
+            raise ValueError(f"unknown sparse index encoding {index!r}")
+        if (index == INDEX_ALL) != (keep == numel):
+            raise ValueError("sparse index 'all' is used exactly when every element is kept")
+        if index == INDEX_SEED:
+            if not isinstance(seeds, list) or len(seeds) != members:
+                raise ValueError(f"sparse codec needs {members} seeds")
+            for s in seeds:
+                parse_seed(s)
+
+    @classmethod
+    def arrays(cls, params: dict, members: int, numel: int, dtype: str) -> dict[str, ArraySpec]:
+        return {"values": (dtype, (members, params["keep"]))}
+
+    @classmethod
+    def encode(cls, deltas: torch.Tensor, dtype: str, params: dict) -> dict[str, torch.Tensor]:
+        keep, numel = params["keep"], deltas.shape[1]
+        out = torch.empty((deltas.shape[0], keep), dtype=TORCH_DTYPES[dtype])
+        cls.validate(params, deltas.shape[0], numel)
+        for i in range(deltas.shape[0]):
+            seed = parse_seed(params["seeds"][i]) if params["index"] == INDEX_SEED else 0
+            out[i] = encode_values(deltas[i], seed, keep, out.dtype)
+        return {"values": out}
+
+    @classmethod
+    def decode(cls, rows: dict[str, torch.Tensor], params: dict, member: int, numel: int,
+               dtype: str) -> torch.Tensor:
+        seed = parse_seed(params["seeds"][member]) if params["index"] == INDEX_SEED else 0
+        return decode_values(rows["values"], seed, numel, compute_dtype(dtype))
+

@@ -1,0 +1,97 @@
+"""Every byte-layout fact of ders in one place. Depends on nothing.
+
+docs/FORMAT.md is the specification; the numbers here are the ones it names.
+"""
+
+from __future__ import annotations
+
+# --- the .ders archive -------------------------------------------------------------------------
+
+FORMAT_NAME = "ders"
+FORMAT_VERSION = 1
+
+# The safetensors header of an archive begins with exactly these bytes, then 64 lowercase hex
+# digits of the header hash, then a closing quote. A fixed position lets any reader find the
+# hash without a JSON parser that keeps key order.
+HEADER_HASH_KEY = "ders.header_sha256"
+HEADER_PREFIX = b'{"__metadata__":{"' + HEADER_HASH_KEY.encode() + b'":"'
+HASH_HEX_LEN = 64
+META_FORMAT = "ders.format"
+META_VERSION = "ders.version"
+META_MANIFEST = "ders.manifest"
+
+# Names of the arrays an archive stores besides passthrough tensors (which keep their own names).
+RESERVED_PREFIX = "ders/"
+SHARD_HEADER_NAME = "ders/shard/{index}/header"
+SIDE_FILE_NAME = "ders/file/{index}"
+GROUP_ARRAY_NAME = "ders/g/{group}/{array}"
+
+# --- safetensors -------------------------------------------------------------------------------
+
+# Largest header the reference implementation accepts.
+MAX_HEADER_BYTES = 100_000_000
+HEADER_ALIGN = 8
+
+# Bits per element of every dtype safetensors knows. Sub-byte types pack along the last axis.
+DTYPE_BITS: dict[str, int] = {
+    "F64": 64,
+    "F32": 32,
+    "F16": 16,
+    "BF16": 16,
+    "F8_E4M3": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2": 8,
+    "F8_E5M2FNUZ": 8,
+    "F8_E8M0": 8,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F4": 4,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U64": 64,
+    "U32": 32,
+    "U16": 16,
+    "U8": 8,
+    "BOOL": 8,
+    "C64": 64,
+}
+
+# The dtypes whose experts ders can decompose. Others always pass through byte for byte.
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+# --- codecs ------------------------------------------------------------------------------------
+
+CODEC_SPARSE = "sparse"
+CODEC_QUANT = "quant"
+QUANT_BITS = (1, 2, 3, 4, 8)
+DEFAULT_GROUP_SIZE = 128
+# Per-group scale and offset of the quant codec are stored in this dtype (8 significant bits
+# over the whole f32 range: f16 would lose the tiny scales of 8-bit deltas to subnormals).
+QUANT_PARAM_DTYPE = "BF16"
+
+# Index encodings of the sparse codec, by the bytes each needs for n elements and k kept.
+INDEX_ALL = "all"  # k == n: nothing to store
+INDEX_SEED = "seed"  # regenerated from a 64-bit seed: nothing to store beyond the manifest
+
+# The mask generator (docs/FORMAT.md, "Random masks"): a keyed Feistel permutation.
+MASK_ROUNDS = 4
+SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+SPLITMIX_MUL1 = 0xBF58476D1CE4E5B9
+SPLITMIX_MUL2 = 0x94D049BB133111EB
+FMIX32_MUL1 = 0x85EBCA6B
+FMIX32_MUL2 = 0xC2B2AE35
+
+# --- expert groups -----------------------------------------------------------------------------
+
+# A group counts as upcycled when every member's cosine to the base is at least this.
+DEFAULT_UPCYCLED_COS = 0.9
+# Pairwise cosines are computed exactly while N*N*numel stays under this many multiply-adds;
+# above it, on a fixed sample of elements.
+PAIRWISE_EXACT_BUDGET = 4 * 10**10
+PAIRWISE_SAMPLE = 1 << 20
+
+# --- I/O ---------------------------------------------------------------------------------------
+
+COPY_CHUNK = 16 << 20

@@ -1,0 +1,41 @@
+"""The errors ders raises. Each carries the one line a user sees and the exit code it maps to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DersError(Exception):
+    """Base of every error ders reports to a user. ``str(err)`` is the whole message."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else str(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+class InputError(DersError):
+    """A path, file or tensor the user gave cannot be used as it is."""
+
+
+class UsageError(DersError):
+    """Options that make no sense together or lie outside their range."""
+
+
+class OutputExistsError(DersError):
+    """The output path exists and ``--force`` was not given."""
+
+
+class CorruptArchiveError(InputError):
+    """An archive fails a structural or checksum check. ``verify`` turns this into exit 1."""
+
+
+class NewerFormatError(InputError):
+    """An archive written by a newer ders than this one."""
+
+
+class VerificationFailed(DersError):
+    """``verify`` found a difference or corruption."""
+
+    exit_code = 1

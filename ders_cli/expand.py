@@ -1,0 +1,174 @@
+"""``expand``: an archive back into the checkpoint folder it came from.
+
+Every shard is rebuilt with its original header, byte for byte, and every tensor written at its
+original offset: passthrough tensors and side files are checked against the sha256 of the
+original, synthesized experts against the sha256 recorded when the archive was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .archive import ArchiveReader
+from .decompose import synthesize
+from .errors import CorruptArchiveError
+from .outputs import BuildDir, check_new_output
+from .progress import Reporter, Silent
+from .records import GroupRecord, Manifest
+from .safetensors_io import Header, parse_header_bytes, tensor_bytes
+
+
+@dataclass
+class ExpandResult:
+    folder: Path
+    files: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+
+    def to_dict(self) -> dict:
+        return {"folder": str(self.folder), "files": self.files,
+                "bytes_written": self.bytes_written}
+
+
+def default_expand_path(archive: Path) -> Path:
+    stem = archive.name[: -len(".ders")] if archive.name.endswith(".ders") else archive.name
+    return archive.parent / f"{stem}-expanded"
+
+
+def shard_headers(reader: ArchiveReader) -> list[Header]:
+    """The original shard headers stored in an archive, parsed and validated."""
+    out = []
+    for s in reader.manifest.shards:
+        raw = bytes(reader.read_bytes(s.header))
+        try:
+            out.append(parse_header_bytes(Path(s.file), raw, s.size))
+        except Exception as exc:
+            raise CorruptArchiveError(f"stored header of shard {s.file!r} is invalid: {exc}",
+                                      reader.path) from None
+    return out
+
+
+def group_rows(reader: ArchiveReader, g: GroupRecord
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A group's base and codec arrays, checksums verified."""
+    base = reader.array(g.base["array"]).reshape(-1)
+    arrays = {k: reader.array(name) for k, name in g.codec["arrays"].items()}
+    return base, arrays
+
+
+def synthesize_member(g: GroupRecord, base: torch.Tensor, arrays: dict[str, torch.Tensor],
+                      i: int) -> torch.Tensor:
+    rows = {k: v[i] for k, v in arrays.items()}
+    return synthesize(base, g.codec["name"], g.codec["params"], rows, i, g.dtype)
+
+
+def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: bool = False,
+           reporter: Reporter | None = None) -> ExpandResult:
+    """Write the dense checkpoint an archive holds into folder ``out``."""
+    reporter = reporter or Silent()
+    archive = Path(archive)
+    with ArchiveReader(archive) as reader:
+        dest = Path(out) if out is not None else default_expand_path(archive)
+        check_new_output(dest, overwrite)
+        m = reader.manifest
+        headers = shard_headers(reader)
+        _check_tensor_sets(reader, m, headers)
+        total = sum(h.file_size for h in headers) + sum(f.size for f in m.files)
+        reporter.start("expand", total, len(m.groups))
+        result = ExpandResult(dest)
+        with BuildDir(dest, overwrite) as build:
+            for f in m.files:
+                _write_side_file(reader, build.path, f.path, f.array, f.sha256)
+                result.files.append(f.path)
+                reporter.advance(f.size)
+            fds = []
+            try:
+                for s, h in zip(m.shards, headers, strict=True):
+                    fds.append(_create_shard(build.path / s.file, h))
+                    result.files.append(s.file)
+                _write_tensors(reader, m, headers, fds, reporter)
+                for fd in fds:
+                    os.fsync(fd)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            build.commit()
+        result.bytes_written = total
+    reporter.finish()
+    return result
+
+
+def _check_tensor_sets(reader: ArchiveReader, m: Manifest, headers: list[Header]) -> None:
+    for i, h in enumerate(headers):
+        listed = {n for n, t in m.tensors.items() if t.shard == i}
+        if listed != set(h.tensors):
+            raise CorruptArchiveError(f"shard {m.shards[i].file!r}: manifest and stored header "
+                                      "list different tensors", reader.path)
+
+
+def _write_side_file(reader: ArchiveReader, root: Path, rel: str, array: str, sha: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in reader.chunks(array, check=False):
+            digest.update(chunk)
+            f.write(chunk)
+    if digest.hexdigest() != sha:
+        raise CorruptArchiveError(f"side file {rel!r} does not match its checksum", reader.path)
+
+
+def _create_shard(path: Path, h: Header) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.pwrite(fd, struct.pack("<Q", len(h.raw)) + h.raw, 0)
+    os.ftruncate(fd, h.file_size)
+    return fd
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B")
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fds: list[int],
+                   reporter: Reporter) -> None:
+    # Stored arrays are visited in archive order so the archive is read front to back.
+    group_of_array = {g.base["array"]: gi for gi, g in enumerate(m.groups)}
+    for entry in reader.data_order():
+        name = entry.name
+        t = m.tensors.get(name)
+        if t is not None and t.group is None:
+            target = headers[t.shard].tensors[name]
+            digest = hashlib.sha256()
+            pos = target.begin
+            for chunk in reader.chunks(name, check=False):
+                digest.update(chunk)
+                _pwrite_all(fds[t.shard], memoryview(chunk), pos)
+                pos += len(chunk)
+            if digest.hexdigest() != t.sha256:
+                raise CorruptArchiveError(f"tensor {name!r} does not match its checksum",
+                                          reader.path)
+            reporter.advance(target.nbytes)
+        elif name in group_of_array:
+            g = m.groups[group_of_array[name]]
+            base, arrays = group_rows(reader, g)
+            for i, member in enumerate(g.members):
+                w = tensor_bytes(synthesize_member(g, base, arrays, i))
+                if hashlib.sha256(w).hexdigest() != g.recon_sha256[i]:
+                    raise CorruptArchiveError(
+                        f"synthesized {member.label!r} differs from the archive's record "
+                        "(corrupt archive, or a platform that computes differently)", reader.path)
+                rec = m.tensors[member.tensor]
+                entry = headers[rec.shard].tensors[member.tensor]
+                offset, _ = member.byte_range(entry.begin, entry.nbytes)
+                _pwrite_all(fds[rec.shard], w, offset)
+                reporter.advance(len(w))
+            reporter.advance(0, 1)

@@ -1,0 +1,325 @@
+"""Frozen records: expert groups as detection finds them, and the archive manifest.
+
+The manifest is the JSON document stored in an archive's ``__metadata__``; ``Manifest.from_json``
+checks every field and cross-reference before anything trusts it (docs/FORMAT.md, "Manifest").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .constants import DTYPE_BITS, FLOAT_DTYPES, FORMAT_NAME, FORMAT_VERSION
+
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One expert's weight: a whole tensor, or slice ``slice`` of a tensor holding ``of`` experts
+    stacked along its leading axis (viewed as ``[of, -1]``; every slice is contiguous)."""
+
+    tensor: str
+    slice: int | None = None
+    of: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.tensor if self.slice is None else f"{self.tensor}[{self.slice}]"
+
+    def byte_range(self, begin: int, nbytes: int) -> tuple[int, int]:
+        """(offset, length) of this member's bytes in a tensor stored at [begin, begin+nbytes)."""
+        if self.slice is None:
+            return begin, nbytes
+        part = nbytes // self.of
+        return begin + self.slice * part, part
+
+    def to_json(self) -> str | dict:
+        if self.slice is None:
+            return self.tensor
+        return {"tensor": self.tensor, "slice": self.slice, "of": self.of}
+
+    @staticmethod
+    def from_json(doc: object) -> Member:
+        if isinstance(doc, str):
+            return Member(doc)
+        _expect(isinstance(doc, dict) and isinstance(doc.get("tensor"), str)
+                and _is_int(doc.get("of")) and doc["of"] >= 1 and _is_int(doc.get("slice"))
+                and 0 <= doc["slice"] < doc["of"], f"bad member {doc!r}")
+        return Member(doc["tensor"], doc["slice"], doc["of"])
+
+
+def tensors_of(members: tuple[Member, ...]) -> list[str]:
+    """The distinct tensors a group's members live in, in first-use order."""
+    return list(dict.fromkeys(m.tensor for m in members))
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """Experts that share an init: same dtype and shape, in expert order."""
+
+    key: str  # the member names with the expert index replaced by {E}
+    members: tuple[Member, ...]
+    experts: tuple[int, ...]  # the expert index of each member
+    dtype: str
+    shape: tuple[int, ...]  # of one member
+
+    @property
+    def tensors(self) -> list[str]:
+        return tensors_of(self.members)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.members) * self.numel * DTYPE_BITS[self.dtype] // 8
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    file: str  # path relative to the model folder
+    size: int  # bytes of the whole shard file
+    header: str  # stored array holding the shard's header JSON, byte for byte
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # relative, '/'-separated
+    size: int
+    sha256: str
+    array: str  # stored array holding the file's bytes
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    shard: int
+    sha256: str  # of the original tensor's bytes
+    group: int | None = None  # None: stored as it is, under its own name
+    member: int | None = None  # None with a group: the tensor is all of its slices in that group
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    key: str
+    members: tuple[Member, ...]
+    dtype: str
+    shape: tuple[int, ...]
+    base: dict[str, Any]  # {"kind": "mean" | "dense", "array": name, ["source": dense tensor]}
+    codec: dict[str, Any]  # {"name": ..., "params": {...}, "arrays": {suffix: name}}
+    recon_sha256: tuple[str, ...]  # of each synthesized member, so synthesis is checked too
+    rel_error: tuple[float, ...]  # ||W - W_hat|| / ||W|| measured when the archive was written
+    cos: tuple[float, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def tensors(self) -> list[str]:
+        return tensors_of(self.members)
+
+    def as_group(self) -> ExpertGroup:
+        return ExpertGroup(self.key, self.members, tuple(range(len(self.members))), self.dtype,
+                           self.shape)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source: dict[str, str]  # {"kind": "folder" | "file", "name": ...}
+    shards: tuple[ShardRecord, ...]
+    files: tuple[FileRecord, ...]
+    tensors: dict[str, TensorRecord]  # every original tensor
+    groups: tuple[GroupRecord, ...]
+    passthrough_groups: tuple[dict[str, str], ...]  # groups found but stored as they are
+    stored: dict[str, str]  # sha256 of every stored array, by name
+    version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        doc = {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "source": self.source,
+            "shards": [vars(s) for s in self.shards],
+            "files": [vars(f) for f in self.files],
+            "tensors": {
+                name: {k: v for k, v in vars(t).items() if v is not None}
+                for name, t in self.tensors.items()
+            },
+            "groups": [
+                {
+                    "key": g.key,
+                    "members": [m.to_json() for m in g.members],
+                    "dtype": g.dtype,
+                    "shape": list(g.shape),
+                    "base": g.base,
+                    "codec": g.codec,
+                    "recon_sha256": list(g.recon_sha256),
+                    "rel_error": list(g.rel_error),
+                    "cos": list(g.cos),
+                }
+                for g in self.groups
+            ],
+            "passthrough_groups": list(self.passthrough_groups),
+            "stored": self.stored,
+            **self.extra,
+        }
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
+
+    @staticmethod
+    def from_json(text: str) -> Manifest:
+        """Parse and check a manifest; raises ValueError naming the first problem."""
+        doc = json.loads(text)
+        _expect(isinstance(doc, dict), "manifest is not a JSON object")
+        _expect(doc.get("format") == FORMAT_NAME, "manifest format is not 'ders'")
+        version = doc.get("version")
+        _expect(_is_int(version) and version >= 1, f"manifest version {version!r} is invalid")
+        stored = doc.get("stored")
+        _expect(isinstance(stored, dict), "manifest has no 'stored' map")
+        for name, sha in stored.items():
+            _expect(isinstance(sha, str) and bool(_SHA.match(sha)), f"bad sha256 for {name!r}")
+
+        def ref(name: object, what: str) -> str:
+            _expect(isinstance(name, str) and name in stored,
+                    f"{what} names a missing array {name!r}")
+            return name  # type: ignore[return-value]
+
+        shards = tuple(
+            ShardRecord(_str(s, "file"), _nonneg(s, "size"), ref(s.get("header"), "shard"))
+            for s in _list(doc, "shards")
+        )
+        _expect(len(shards) >= 1, "manifest lists no shard")
+        files = tuple(
+            FileRecord(_str(f, "path"), _nonneg(f, "size"), _sha(f, "sha256"),
+                       ref(f.get("array"), "file"))
+            for f in _list(doc, "files")
+        )
+        groups = tuple(_group(g, ref) for g in _list(doc, "groups"))
+        tensors_doc = doc.get("tensors")
+        _expect(isinstance(tensors_doc, dict), "manifest has no 'tensors' map")
+        tensors: dict[str, TensorRecord] = {}
+        for name, t in tensors_doc.items():
+            _expect(isinstance(t, dict), f"tensor record {name!r} is not an object")
+            shard = t.get("shard")
+            _expect(_is_int(shard) and 0 <= shard < len(shards), f"tensor {name!r}: bad shard")
+            group, member = t.get("group"), t.get("member")
+            if group is None:
+                _expect(member is None, f"tensor {name!r}: member without group")
+                ref(name, "passthrough tensor")
+            else:
+                _expect(_is_int(group) and 0 <= group < len(groups), f"tensor {name!r}: bad group")
+                g = groups[group]
+                if member is None:
+                    parts = [m for m in g.members if m.tensor == name]
+                    _expect(bool(parts) and all(m.slice is not None and m.of == parts[0].of
+                                                for m in parts)
+                            and sorted(m.slice for m in parts) == list(range(parts[0].of)),
+                            f"tensor {name!r}: its slices are not all members of its group")
+                else:
+                    _expect(_is_int(member) and 0 <= member < len(g.members)
+                            and g.members[member] == Member(name),
+                            f"tensor {name!r}: bad member index")
+            tensors[name] = TensorRecord(shard, _sha(t, "sha256"), group, member)
+        for gi, g in enumerate(groups):
+            for mi, m in enumerate(g.members):
+                t = tensors.get(m.tensor)
+                _expect(t is not None and t.group == gi
+                        and t.member == (mi if m.slice is None else None),
+                        f"group {g.key!r}: member {m.label!r} has no matching tensor record")
+        passthrough = tuple(_list(doc, "passthrough_groups"))
+        known = {"format", "version", "source", "shards", "files", "tensors", "groups",
+                 "passthrough_groups", "stored"}
+        source = doc.get("source")
+        _expect(isinstance(source, dict), "manifest has no 'source'")
+        return Manifest(
+            source=source,
+            shards=shards,
+            files=files,
+            tensors=tensors,
+            groups=groups,
+            passthrough_groups=passthrough,
+            stored=stored,
+            version=version,
+            extra={k: v for k, v in doc.items() if k not in known},
+        )
+
+
+def _group(g: Any, ref: Any) -> GroupRecord:
+    _expect(isinstance(g, dict), "group record is not an object")
+    key = _str(g, "key")
+    raw_members = g.get("members")
+    _expect(isinstance(raw_members, list) and len(raw_members) >= 1,
+            f"group {key!r}: bad members")
+    members = [Member.from_json(m) for m in raw_members]
+    _expect(len(set(members)) == len(members), f"group {key!r}: a member appears twice")
+    dtype = g.get("dtype")
+    _expect(dtype in FLOAT_DTYPES, f"group {key!r}: dtype {dtype!r} cannot be synthesized")
+    shape = g.get("shape")
+    _expect(isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape),
+            f"group {key!r}: bad shape")
+    base = g.get("base")
+    _expect(isinstance(base, dict) and base.get("kind") in ("mean", "dense"),
+            f"group {key!r}: bad base")
+    ref(base.get("array"), f"group {key!r} base")
+    codec = g.get("codec")
+    _expect(isinstance(codec, dict) and isinstance(codec.get("name"), str)
+            and isinstance(codec.get("params"), dict) and isinstance(codec.get("arrays"), dict),
+            f"group {key!r}: bad codec record")
+    for suffix, name in codec["arrays"].items():
+        ref(name, f"group {key!r} codec array {suffix!r}")
+    n = len(members)
+    recon = g.get("recon_sha256")
+    _expect(isinstance(recon, list) and len(recon) == n
+            and all(isinstance(s, str) and _SHA.match(s) for s in recon),
+            f"group {key!r}: bad recon_sha256")
+    stats = {}
+    for k in ("rel_error", "cos"):
+        v = g.get(k)
+        _expect(isinstance(v, list) and len(v) == n
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+                f"group {key!r}: bad {k}")
+        stats[k] = tuple(float(x) for x in v)
+    return GroupRecord(key, tuple(members), dtype, tuple(shape), base, codec, tuple(recon),
+                       stats["rel_error"], stats["cos"])
+
+
+def _expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _list(doc: dict, key: str) -> list:
+    v = doc.get(key)
+    _expect(isinstance(v, list), f"manifest field {key!r} is not a list")
+    return v
+
+
+def _str(d: Any, key: str) -> str:
+    _expect(isinstance(d, dict) and isinstance(d.get(key), str), f"record lacks string {key!r}")
+    return d[key]
+
+
+def _nonneg(d: Any, key: str) -> int:
+    v = d.get(key) if isinstance(d, dict) else None
+    _expect(_is_int(v) and v >= 0, f"record lacks non-negative integer {key!r}")
+    return v  # type: ignore[return-value]
+
+
+def _sha(d: Any, key: str) -> str:
+    v = d.get(key) if isinstance(d, dict) else None
+    _expect(isinstance(v, str) and bool(_SHA.match(v)), f"record lacks a sha256 {key!r}")
+    return v  # type: ignore[return-value]

@@ -1,0 +1,176 @@
+"""``verify``: prove an archive intact and, against the original model, measure its error.
+
+Integrity: the header hash, the manifest's structure, the sha256 of every stored array, that
+every passthrough tensor is the original's bytes, and that every expert synthesizes to the
+bytes recorded at compression time. With ``against``: that the model is the archive's source
+(sha256 of every tensor), and the relative error and cosine of every reconstructed expert.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .archive import ArchiveReader
+from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
+from .codecs import compute_dtype
+from .compress import read_group
+from .decompose import codec_label
+from .errors import CorruptArchiveError
+from .expand import group_rows, shard_headers, synthesize_member
+from .progress import Reporter, Silent
+from .records import GroupRecord
+from .safetensors_io import tensor_bytes
+from .stats import cosines_to, relative_norms
+
+
+@dataclass
+class GroupCheck:
+    key: str
+    codec: str
+    members: int
+    rel_error: list[float]  # measured against the model, or as recorded when written
+    cos: list[float]
+    measured: bool  # True when measured against the model given
+
+    @property
+    def max_rel_error(self) -> float:
+        return max(self.rel_error)
+
+    @property
+    def min_cos(self) -> float:
+        return min(self.cos)
+
+
+@dataclass
+class VerifyReport:
+    archive: Path
+    against: str | None
+    ok: bool = True
+    problems: list[str] = field(default_factory=list)
+    stored_arrays: int = 0
+    tensors: int = 0
+    passthrough_exact: int = 0
+    groups: list[GroupCheck] = field(default_factory=list)
+
+    @property
+    def max_rel_error(self) -> float | None:
+        vals = [g.max_rel_error for g in self.groups]
+        return max(vals) if vals else 0.0
+
+    def fail(self, problem: str) -> None:
+        self.ok = False
+        self.problems.append(problem)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["archive"] = str(self.archive)
+        d["max_rel_error"] = self.max_rel_error
+        for g, gd in zip(self.groups, d["groups"], strict=True):
+            gd["max_rel_error"] = g.max_rel_error
+            gd["min_cos"] = g.min_cos
+        return d
+
+
+def verify(archive: str | Path, against: str | Path | None = None, *,
+           max_error: float | None = None, reporter: Reporter | None = None) -> VerifyReport:
+    """Check an archive; ``report.ok`` is False with ``problems`` listed when anything is off.
+
+    Raises InputError (not a report) when the archive is missing, is no ders archive at all, or
+    comes from a newer format version; and when ``against`` cannot be opened.
+    """
+    reporter = reporter or Silent()
+    report = VerifyReport(Path(archive), None if against is None else str(against))
+    ckpt = open_checkpoint(against) if against is not None else None
+    try:
+        reader = ArchiveReader(archive)
+    except CorruptArchiveError as exc:
+        report.fail(str(exc))
+        return report
+    with reader:
+        try:
+            _verify_open(reader, ckpt, report, reporter)
+        except CorruptArchiveError as exc:
+            report.fail(str(exc))
+    if max_error is not None:
+        for g in report.groups:
+            if g.max_rel_error > max_error:
+                report.fail(f"{g.key}: relative error {g.max_rel_error:.3e} exceeds {max_error}")
+    reporter.finish()
+    return report
+
+
+def _verify_open(reader: ArchiveReader, ckpt: Checkpoint | None, report: VerifyReport,
+                 reporter: Reporter) -> None:
+    m = reader.manifest
+    headers = shard_headers(reader)
+    report.tensors = len(m.tensors)
+    for i, h in enumerate(headers):
+        listed = {n for n, t in m.tensors.items() if t.shard == i}
+        if listed != set(h.tensors):
+            report.fail(f"shard {m.shards[i].file!r}: manifest and stored header disagree")
+    if ckpt is not None:
+        missing = sorted(set(m.tensors) ^ set(ckpt.where))
+        if missing:
+            report.fail(f"{ckpt.root}: tensor sets differ from the archive's source "
+                        f"(first: {missing[0]!r})")
+    group_of_base = {g.base["array"]: gi for gi, g in enumerate(m.groups)}
+    group_arrays = {a for g in m.groups for a in g.codec["arrays"].values()}
+    reporter.start("verify", reader.size, len(m.groups))
+    files = ckpt.open() if ckpt is not None else None
+    try:
+        for entry in reader.data_order():
+            name = entry.name
+            report.stored_arrays += 1
+            if name in group_of_base:
+                g = m.groups[group_of_base[name]]
+                report.groups.append(_check_group(reader, g, ckpt, files, report))
+                reporter.advance(0, 1)
+            elif name not in group_arrays:
+                if not reader.check_sha(name):
+                    report.fail(f"checksum mismatch in stored array {name!r}")
+                t = m.tensors.get(name)
+                if t is not None and t.group is None:
+                    if m.stored[name] != t.sha256:
+                        report.fail(f"tensor {name!r}: stored bytes are not the original's")
+                    elif files is not None and name in ckpt.where:
+                        if _sha_of(files, ckpt, name) != t.sha256:
+                            report.fail(f"tensor {name!r} differs from the archive's source")
+                        else:
+                            report.passthrough_exact += 1
+            reporter.advance(entry.nbytes)
+    finally:
+        if files is not None:
+            files.close()
+
+
+def _sha_of(files: ShardFiles, ckpt: Checkpoint, name: str) -> str:
+    sha = hashlib.sha256()
+    for chunk in files.of(name).chunks(ckpt.entry(name)):
+        sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _check_group(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
+                 files: ShardFiles | None, report: VerifyReport) -> GroupCheck:
+    base, arrays = group_rows(reader, g)
+    rel, cos = list(g.rel_error), list(g.cos)
+    original = None
+    if files is not None and all(t in ckpt.where for t in g.tensors):
+        original, shas = read_group(files, ckpt, g.as_group())
+        for name, sha in shas.items():
+            if sha != reader.manifest.tensors[name].sha256:
+                report.fail(f"tensor {name!r} differs from the archive's source")
+    cd = compute_dtype(g.dtype)
+    for i, member in enumerate(g.members):
+        w_hat = synthesize_member(g, base, arrays, i)
+        if hashlib.sha256(tensor_bytes(w_hat)).hexdigest() != g.recon_sha256[i]:
+            report.fail(f"{member.label!r}: synthesis does not reproduce the recorded bytes")
+        if original is not None:
+            wc = original[i].reshape(1, -1).to(cd)
+            hc = w_hat.reshape(1, -1).to(cd)
+            rel[i] = float(relative_norms(hc - wc, wc)[0])
+            cos[i] = float(cosines_to(hc, wc[0])[0])
+    return GroupCheck(g.key, codec_label(g.codec), len(g.members), rel, cos,
+                      original is not None)
