@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .codecs import get_codec
+from .codecs import DeltaCodec, get_codec
 from .constants import (
     COPY_CHUNK,
     FORMAT_NAME,
@@ -237,6 +237,9 @@ class ArchiveReader:
             self._expect_array(f.array, "U8", (f.size,))
         for g in m.groups:
             self._expect_array(g.base["array"], g.dtype, g.shape)
+            if g.codec["name"] not in DeltaCodec.registry:
+                raise NewerFormatError(f"group {g.key!r} uses codec {g.codec['name']!r}, which "
+                                       "this ders does not know: upgrade ders", self.path)
             try:
                 codec = get_codec(g.codec["name"])
                 codec.validate(g.codec["params"], len(g.members), g.numel)
