@@ -114,7 +114,7 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
     flat = members.reshape(n_members, -1)
     cd = compute_dtype(dtype)
     base_c = base.reshape(-1).to(cd)
-    deltas = flat.to(cd)
+    deltas = flat.to(cd, copy=True)  # a copy even in cd: the members are read again below
     deltas -= base_c
     impl = get_codec(codec)
     impl.validate(params, n_members, flat.shape[1])

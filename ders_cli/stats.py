@@ -16,7 +16,7 @@ _CHUNK = 1 << 22
 def mean_base(members: torch.Tensor) -> torch.Tensor:
     """Element-wise mean of ``[N, ...]`` members, summed in expert order, in their own dtype."""
     cd = torch.float64 if members.dtype == torch.float64 else torch.float32
-    acc = members[0].to(cd)
+    acc = members[0].to(cd, copy=True)  # summed in place: never alias the caller's members
     for m in members[1:]:
         acc += m.to(cd)
     return (acc / members.shape[0]).to(members.dtype)
