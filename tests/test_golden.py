@@ -1,0 +1,60 @@
+"""Golden files (fixtures/golden): a format change cannot slip by unnoticed.
+
+Reader side: the committed archives expand to the committed bytes. Writer side: compressing the
+committed tiny checkpoint reproduces the committed archives byte for byte. If a change is meant
+to alter the format, bump the version and regenerate with ``python -m fixtures.make_golden``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import pytest
+
+import ders_cli as ders
+from ders_cli.archive import header_hash
+from ders_cli.constants import HEADER_PREFIX
+from fixtures.make_golden import ARCHIVES, GOLDEN, TINY
+
+EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
+
+
+def sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(ARCHIVES))
+def test_committed_archive_expands_to_the_recorded_bytes(tmp_path, name):
+    assert sha(GOLDEN / name) == EXPECTED[name]["archive_sha256"]
+    folder = ders.expand(GOLDEN / name, tmp_path / "x").folder
+    got = {p.name: sha(p) for p in sorted(folder.iterdir())}
+    assert got == EXPECTED[name]["expanded_sha256"]
+    assert ders.verify(GOLDEN / name, against=TINY).ok
+
+
+@pytest.mark.parametrize("name", sorted(ARCHIVES))
+def test_writer_reproduces_the_committed_archive(tmp_path, name):
+    kind, value = ARCHIVES[name]
+    spec = ders.SparseSpec(value, seed=7) if kind == "sparse" else ders.QuantSpec(value, 8)
+    ders.compress(TINY, spec, tmp_path / name, reserve=0)
+    assert sha(tmp_path / name) == EXPECTED[name]["archive_sha256"]
+
+
+def test_header_hash_of_a_committed_archive():
+    raw = (GOLDEN / "tiny-q3.ders").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + n]
+    assert header.startswith(HEADER_PREFIX) and n % 8 == 0
+    recorded = header[len(HEADER_PREFIX) : len(HEADER_PREFIX) + 64].decode()
+    assert header_hash(raw[:8], header) == recorded
+
+
+def test_passthrough_tensors_of_the_tiny_model_survive_bit_exact(tmp_path):
+    folder = ders.expand(GOLDEN / "tiny-q1.ders", tmp_path / "x").folder
+    from safetensors.torch import load_file
+
+    a, b = load_file(TINY / "model.safetensors"), load_file(folder / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.position_ids"):
+        assert a[name].dtype == b[name].dtype and a[name].equal(b[name])

@@ -1,0 +1,63 @@
+"""Quality on real upcycled weights (../shared/real-slice: SmolLM2 upcycled into 4 experts and
+fine-tuned). Skipped when ../shared is not beside the repository."""
+
+from __future__ import annotations
+
+import pytest
+
+import ders_cli as ders
+
+MOE = "moe-layer0.safetensors"
+DENSE = "dense-layer0.safetensors"
+
+
+@pytest.fixture(scope="module")
+def results(real_slice, tmp_path_factory):
+    out = {}
+    root = tmp_path_factory.mktemp("real")
+    for base in ("mean", "dense"):
+        for spec in (ders.SparseSpec(0.9), ders.QuantSpec(2), ders.QuantSpec(1)):
+            dest = root / f"{base}-{spec.label}.ders".replace(" ", "")
+            r = ders.compress(real_slice / MOE, spec, dest,
+                              base="mean" if base == "mean" else real_slice / DENSE)
+            out[base, spec.label] = r
+    return out
+
+
+def test_every_group_is_upcycled_and_dense_bases_match_by_role(results):
+    r = results["dense", "2-bit"]
+    assert [g.action for g in r.groups] == ["quant"] * 3
+    roles = {g.key.rsplit(".", 2)[-2]: g.base.rsplit(".", 2)[-2] for g in r.groups}
+    assert roles == {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def test_two_bit_deltas_reconstruct_well_under_one_percent(results):
+    for base in ("mean", "dense"):
+        assert max(g.max_rel_error for g in results[base, "2-bit"].groups) < 5e-3
+
+
+def test_random_drop_error_is_what_rescaling_implies(results, real_slice):
+    # Dropping 90% and rescaling the rest by 10 makes the error sqrt(1/0.1 - 1) = 3 times the
+    # delta's norm: the paper's estimator is unbiased, not small in Frobenius norm.
+    report = ders.inspect_model(real_slice / MOE)
+    for g, rep in zip(results["mean", "drop 0.9"].groups, report.groups, strict=True):
+        assert g.max_rel_error == pytest.approx(3 * max(rep.rel_delta_norm), rel=0.05)
+        assert g.min_cos > 0.9997
+
+
+def test_the_mean_is_a_better_base_than_the_dense_init(results):
+    for setting in ("drop 0.9", "1-bit"):
+        mean = max(g.max_rel_error for g in results["mean", setting].groups)
+        dense = max(g.max_rel_error for g in results["dense", setting].groups)
+        assert mean < dense
+
+
+def test_sizes(results):
+    # 4 experts of bf16: base + 10% of each delta (bf16 values, seeded index) is 35% of them.
+    r = results["mean", "drop 0.9"]
+    for g in r.groups:
+        assert g.stored_bytes / g.original_bytes == pytest.approx((1 + 4 * 0.1) / 4, abs=1e-4)
+    q2 = results["mean", "2-bit"]
+    for g in q2.groups:  # base + 2 bits + two bf16 parameters per 128 elements
+        assert g.stored_bytes / g.original_bytes == pytest.approx(
+            (16 + 4 * (2 + 32 / 128)) / (4 * 16), abs=1e-4)
