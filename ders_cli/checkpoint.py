@@ -42,6 +42,7 @@ class Checkpoint:
     shards: tuple[Shard, ...]
     side_files: tuple[str, ...]  # relative '/'-separated paths, sorted
     where: dict[str, tuple[int, TensorEntry]]  # tensor name -> (shard index, entry)
+    config: dict | None = None  # config.json, a hint for detection only
 
     @property
     def tensor_bytes(self) -> int:
@@ -139,8 +140,14 @@ def _build(root: Path, kind: str, name: str, shards: tuple[Shard, ...],
                 raise InputError(f"tensor name {tname!r} uses the prefix {RESERVED_PREFIX!r} "
                                  "that ders reserves", root / shard.file)
             where[tname] = (i, entry)
+    config = None
+    if "config.json" in side:
+        try:
+            config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            config = None  # a hint only: a broken config is the model's business, not ours
     return Checkpoint(root=root, kind=kind, name=name, shards=shards, side_files=side,
-                      where=where)
+                      where=where, config=config)
 
 
 def _check_index(folder: Path, files: list[str]) -> None:

@@ -11,26 +11,18 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from .archive import ArchiveWriter
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
-from .codecs import get_codec
-from .constants import (
-    DEFAULT_UPCYCLED_COS,
-    GROUP_ARRAY_NAME,
-    SHARD_HEADER_NAME,
-    SIDE_FILE_NAME,
-)
+from .constants import DEFAULT_UPCYCLED_COS, GROUP_ARRAY_NAME, SHARD_HEADER_NAME, SIDE_FILE_NAME
 from .decompose import CodecSpec, encode_group
 from .dense_base import DenseMatcher
-from .detect import Skipped, find_groups
-from .errors import InputError, UsageError
+from .detect import Found, find_groups
+from .errors import UsageError
+from .grouping import load_group
 from .outputs import check_new_output
+from .plan import estimate_header, units
 from .progress import Reporter, Silent
 from .records import ExpertGroup, FileRecord, GroupRecord, Manifest, ShardRecord, TensorRecord
-from .safetensors_io import TORCH_DTYPES, tensor_nbytes
-from .stats import cosines_to, mean_base
 
 
 @dataclass
@@ -46,6 +38,7 @@ class GroupSummary:
     min_cos: float = 1.0
     base: str = "mean"
     reason: str = ""
+    shared: list[str] = field(default_factory=list)  # shared FFNs that joined the group
 
 
 @dataclass
@@ -79,26 +72,32 @@ def default_archive_path(ckpt: Checkpoint, model: str | Path) -> Path:
 
 def compress(model: str | Path, spec: CodecSpec, out: str | Path | None = None, *,
              base: str | Path = "mean", threshold: float = DEFAULT_UPCYCLED_COS,
-             overwrite: bool = False, reporter: Reporter | None = None,
-             reserve: int | None = None) -> CompressResult:
-    """Write a .ders archive of ``model`` with ``spec`` (SparseSpec or QuantSpec)."""
+             use_shared: bool = True, all_groups: bool = False, overwrite: bool = False,
+             reporter: Reporter | None = None, reserve: int | None = None) -> CompressResult:
+    """Write a .ders archive of ``model`` with ``spec`` (SparseSpec or QuantSpec).
+
+    ``base``: "mean" or a dense checkpoint. A group is decomposed when every member has cosine
+    ``threshold`` or more to its base; other groups are stored as they are, unless
+    ``all_groups``. Shared FFNs of the experts' shape join their group when as similar
+    (extended DeRS), unless ``use_shared`` is False.
+    """
     spec.check()
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
     reporter = reporter or Silent()
     ckpt = open_checkpoint(model)
-    groups, skipped = find_groups({n: e for n, (_, e) in ckpt.where.items()})
+    found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
     check_new_output(dest, overwrite)
     matcher = None
     if str(base) != "mean":
         matcher = DenseMatcher(open_checkpoint(base), threshold)
-    job = _Job(ckpt, spec, matcher, threshold, reporter)
+    job = _Job(ckpt, found, spec, matcher, threshold, use_shared, all_groups, reporter)
     try:
         with ckpt.open() as files, ArchiveWriter(
-            dest, reserve if reserve is not None else estimate_header(ckpt, groups), overwrite
+            dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite
         ) as writer:
-            size = job.run(files, writer, groups, skipped)
+            size = job.run(files, writer)
     finally:
         if matcher is not None:
             matcher.close()
@@ -114,89 +113,49 @@ def compress(model: str | Path, spec: CodecSpec, out: str | Path | None = None, 
     )
 
 
-def planned_size(ckpt: Checkpoint, groups: list[ExpertGroup], upcycled: set[str],
-                 spec: CodecSpec) -> int:
-    """The exact size of the archive ``compress`` writes, given which groups are upcycled
-    (unless the header outgrows its estimate, which makes it larger)."""
-    reserve = estimate_header(ckpt, groups)
-    size = 8 + reserve + (-reserve % 8)
-    size += sum(len(s.header.raw) for s in ckpt.shards)
-    size += ckpt.side_bytes
-    grouped = {t for g in groups for t in g.tensors}
-    size += sum(e.nbytes for n, (_, e) in ckpt.where.items() if n not in grouped)
-    for g in groups:
-        if g.key not in upcycled:
-            size += g.nbytes
-            continue
-        arrays = get_codec(spec.codec).arrays(spec.params(g), len(g.members), g.numel, g.dtype)
-        size += g.nbytes // len(g.members)  # the base
-        size += sum(tensor_nbytes(dtype, shape) for dtype, shape in arrays.values())
-    return size
-
-
-def estimate_header(ckpt: Checkpoint, groups: list[ExpertGroup]) -> int:
-    """Room to reserve for the header: a slight over-estimate of the manifest and array table.
-
-    Measured costs per item (JSON with escapes): a tensor record is its name plus ~110 bytes; a
-    passthrough array adds its name twice plus ~150 (stored hash, table entry); a group member
-    its name plus ~120 (member entry, reconstruction hash, statistics, seed); a group ~1100 plus
-    twice its key (base and codec arrays, parameters). A group that turns out not upcycled is
-    stored as passthrough tensors instead: each group counts as the larger of the two.
-    """
-    grouped = {t for g in groups for t in g.tensors}
-    size = 2048 + sum(len(n) + 110 for n in ckpt.where)
-    size += sum(2 * len(n) + 150 for n in ckpt.where if n not in grouped)
-    for g in groups:
-        compressed = sum(len(m.label) + 120 for m in g.members) + 2 * len(g.key) + 1100
-        raw = sum(2 * len(t) + 150 for t in g.tensors)
-        size += max(compressed, raw)
-    size += sum(len(p) + 380 for p in ckpt.side_files) + sum(len(s.file) + 330 for s in ckpt.shards)
-    return size * 27 // 25
-
-
 class _Job:
-    def __init__(self, ckpt: Checkpoint, spec: CodecSpec, matcher: DenseMatcher | None,
-                 threshold: float, reporter: Reporter) -> None:
+    def __init__(self, ckpt: Checkpoint, found: Found, spec: CodecSpec,
+                 matcher: DenseMatcher | None, threshold: float, use_shared: bool,
+                 all_groups: bool, reporter: Reporter) -> None:
         self.ckpt = ckpt
+        self.found = found
         self.spec = spec
         self.matcher = matcher
         self.threshold = threshold
+        self.use_shared = use_shared
+        self.all_groups = all_groups
         self.reporter = reporter
         self.summaries: list[GroupSummary] = []
         self.warnings: list[str] = []
         self.tensors: dict[str, TensorRecord] = {}
         self.records: list[GroupRecord] = []
-        self.passthrough: list[dict[str, str]] = []
+        self.passthrough: list[dict[str, str]] = [
+            {"key": s.key, "reason": s.reason} for s in found.skipped]
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         self.reporter.warn(message)
 
-    def run(self, files: ShardFiles, w: ArchiveWriter, groups: list[ExpertGroup],
-            skipped: list[Skipped]) -> int:
+    def run(self, files: ShardFiles, w: ArchiveWriter) -> int:
         ckpt = self.ckpt
-        self.reporter.start(self.spec.label, ckpt.tensor_bytes + ckpt.side_bytes, len(groups))
-        for s in skipped:
-            self.passthrough.append({"key": s.key, "reason": s.reason})
+        self.reporter.start(self.spec.label, ckpt.tensor_bytes + ckpt.side_bytes,
+                            len(self.found.groups))
         shards = []
         for i, s in enumerate(ckpt.shards):
             name = SHARD_HEADER_NAME.format(index=i)
             w.add(name, "U8", (len(s.header.raw),), s.header.raw)
             shards.append(ShardRecord(s.file, s.header.file_size, name))
-        side = []
-        for i, rel in enumerate(ckpt.side_files):
-            side.append(self._side_file(w, i, rel))
-        for unit in _units(ckpt, groups):
+        side = [self._side_file(w, i, rel) for i, rel in enumerate(ckpt.side_files)]
+        for unit in units(ckpt, self.found):
             if isinstance(unit, ExpertGroup):
                 self._group(files, w, unit)
             else:
                 self._passthrough(files, w, unit)
-        tensors = {name: self.tensors[name] for name in ckpt.where}
         manifest = Manifest(
             source={"kind": ckpt.kind, "name": ckpt.name},
             shards=tuple(shards),
             files=tuple(side),
-            tensors=tensors,
+            tensors={name: self.tensors[name] for name in ckpt.where},
             groups=tuple(self.records),
             passthrough_groups=tuple(self.passthrough),
             stored=w.stored_sha256,
@@ -226,90 +185,53 @@ class _Job:
         self.reporter.advance(e.nbytes)
 
     def _group(self, files: ShardFiles, w: ArchiveWriter, g: ExpertGroup) -> None:
-        members, shas = read_group(files, self.ckpt, g)
+        loaded = load_group(files, self.ckpt, g, self.found.shared.get(g.key, ()),
+                            threshold=self.threshold, matcher=self.matcher,
+                            use_shared=self.use_shared)
+        g = loaded.group
         summary = GroupSummary(g.key, len(g.members), list(g.shape), g.dtype, self.spec.codec,
-                               g.nbytes, 0)
-        mean = mean_base(members)
-        base_rec: dict = {"kind": "mean"}
-        base = mean
-        if self.matcher is not None:
-            source, base, _ = self.matcher.match(g, mean)
-            base_rec = {"kind": "dense", "source": source}
-            summary.base = f"dense {source}"
-        del mean
-        cd = torch.float64 if g.dtype == "F64" else torch.float32
-        cos = cosines_to(members.reshape(len(g.members), -1).to(cd), base.reshape(-1).to(cd))
-        if float(cos.min()) < self.threshold:
-            reason = (f"not upcycled: an expert has cosine {float(cos.min()):.4f} to the base "
+                               g.nbytes, 0, base=loaded.base_label,
+                               shared=[c.member.label for c in loaded.shared if c.joined])
+        for c in loaded.shared:
+            if not c.joined:  # a shared FFN that stays apart is a plain passthrough tensor
+                self._passthrough(files, w, c.member.tensor)
+        upcycled = loaded.min_cos >= self.threshold
+        if not upcycled:
+            reason = (f"not upcycled: an expert has cosine {loaded.min_cos:.4f} to the base "
                       f"(< {self.threshold})")
-            self.warn(f"{g.key}: {reason}; stored as it is")
-            self.passthrough.append({"key": g.key, "reason": reason})
-            for name in g.tensors:  # read again: rare, and keeps one copy path for passthrough
-                self._passthrough(files, w, name)
-            summary.action, summary.reason = "passthrough", reason
-            summary.stored_bytes = g.nbytes
-        else:
-            enc = encode_group(members, base, g.dtype, self.spec.codec, self.spec.params(g))
-            gid = len(self.records)
-            base_rec["array"] = GROUP_ARRAY_NAME.format(group=gid, array="base")
-            w.add_tensor(base_rec["array"], enc.base, g.dtype)
-            arrays = {}
-            for suffix, t in enc.arrays.items():
-                arrays[suffix] = GROUP_ARRAY_NAME.format(group=gid, array=suffix)
-                w.add_tensor(arrays[suffix], t)
-            self.records.append(GroupRecord(
-                key=g.key, members=g.members, dtype=g.dtype, shape=g.shape, base=base_rec,
-                codec={"name": self.spec.codec, "params": enc.params, "arrays": arrays},
-                recon_sha256=tuple(enc.recon_sha256), rel_error=tuple(enc.rel_error),
-                cos=tuple(enc.cos)))
-            for i, m in enumerate(g.members):
-                member = i if m.slice is None else None
-                self.tensors[m.tensor] = TensorRecord(self.ckpt.where[m.tensor][0],
-                                                      shas[m.tensor], gid, member)
-            summary.stored_bytes = enc.base.numel() * enc.base.element_size() + sum(
-                t.numel() * t.element_size() for t in enc.arrays.values())
-            summary.max_rel_error = max(enc.rel_error)
-            summary.min_cos = min(enc.cos)
+            if not self.all_groups:
+                self.warn(f"{g.key}: {reason}; stored as it is (--all-groups compresses it)")
+                self.passthrough.append({"key": g.key, "reason": reason})
+                for name in g.tensors:  # read again: rare, and keeps one copy path
+                    self._passthrough(files, w, name)
+                summary.action, summary.reason = "passthrough", reason
+                summary.stored_bytes = g.nbytes
+                self.summaries.append(summary)
+                self.reporter.advance(0, 1)
+                return
+            self.warn(f"{g.key}: {reason}; compressed anyway (--all-groups)")
+        enc = encode_group(loaded.weights, loaded.base, g.dtype, self.spec.codec,
+                           self.spec.params(g))
+        shas, base_rec = loaded.shas, dict(loaded.base_record)
+        del loaded  # the group's weights: free them before the next group is read
+        gid = len(self.records)
+        base_rec["array"] = GROUP_ARRAY_NAME.format(group=gid, array="base")
+        w.add_tensor(base_rec["array"], enc.base, g.dtype)
+        arrays = {}
+        for suffix, t in enc.arrays.items():
+            arrays[suffix] = GROUP_ARRAY_NAME.format(group=gid, array=suffix)
+            w.add_tensor(arrays[suffix], t)
+        self.records.append(GroupRecord(
+            key=g.key, members=g.members, dtype=g.dtype, shape=g.shape, base=base_rec,
+            codec={"name": self.spec.codec, "params": enc.params, "arrays": arrays},
+            recon_sha256=tuple(enc.recon_sha256), rel_error=tuple(enc.rel_error),
+            cos=tuple(enc.cos)))
+        for i, m in enumerate(g.members):
+            self.tensors[m.tensor] = TensorRecord(self.ckpt.where[m.tensor][0], shas[m.tensor],
+                                                  gid, i if m.slice is None else None)
+        summary.stored_bytes = enc.base.numel() * enc.base.element_size() + sum(
+            t.numel() * t.element_size() for t in enc.arrays.values())
+        summary.max_rel_error = max(enc.rel_error)
+        summary.min_cos = min(enc.cos)
         self.summaries.append(summary)
         self.reporter.advance(g.nbytes, 1)
-
-
-def _units(ckpt: Checkpoint, groups: list[ExpertGroup]) -> list[ExpertGroup | str]:
-    """Passthrough tensor names and groups, in the order their first bytes sit on disk."""
-    grouped = {t for g in groups for t in g.tensors}
-
-    def pos(name: str) -> tuple[int, int]:
-        shard, e = ckpt.where[name]
-        return shard, e.begin
-
-    units: list[tuple[tuple[int, int], ExpertGroup | str]] = [
-        (pos(n), n) for n in ckpt.where if n not in grouped]
-    units += [(min(pos(t) for t in g.tensors), g) for g in groups]
-    units.sort(key=lambda u: u[0])
-    return [u for _, u in units]
-
-
-def read_group(files: ShardFiles, ckpt: Checkpoint, g: ExpertGroup
-               ) -> tuple[torch.Tensor, dict[str, str]]:
-    """All members as one ``[N, ...]`` tensor of the group's dtype, and the sha256 of each
-    tensor they live in (a fused tensor's slices, hashed in order, are the whole tensor)."""
-    out = torch.empty((len(g.members), *g.shape), dtype=TORCH_DTYPES[g.dtype])
-    flat = out.view(len(g.members), -1).view(torch.uint8)
-    views = []
-    for i, m in enumerate(g.members):
-        e = ckpt.entry(m.tensor)
-        offset, _ = m.byte_range(e.begin, e.nbytes)
-        views.append(memoryview(flat[i].numpy()))
-        files.of(m.tensor).read_into(offset, views[i])
-    shas = {}
-    for name in g.tensors:
-        parts = sorted((m.slice or 0, i) for i, m in enumerate(g.members) if m.tensor == name)
-        sha = hashlib.sha256()
-        for _, i in parts:
-            sha.update(views[i])
-        shas[name] = sha.hexdigest()
-    if not bool(torch.isfinite(out).all()):
-        bad = next(m for i, m in enumerate(g.members) if not bool(torch.isfinite(out[i]).all()))
-        raise InputError(f"tensor {bad.label!r} contains NaN or Inf; ders will not decompose it",
-                         files.of(bad.tensor).path)
-    return out, shas

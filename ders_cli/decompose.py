@@ -80,11 +80,11 @@ def codec_label(codec: dict) -> str:
 
 
 def member_seeds(seed: int, group: ExpertGroup) -> list[int]:
-    """A mask seed per member, from the user's seed and the group's name: distinct masks for
+    """A mask seed per member, from the user's seed and the member's name: distinct masks for
     every expert, and the same archive for the same inputs."""
     out = []
-    for e in group.experts:
-        digest = hashlib.sha256(f"ders-mask:{seed}:{group.key}:{e}".encode()).digest()
+    for m in group.members:
+        digest = hashlib.sha256(f"ders-mask:{seed}:{m.label}".encode()).digest()
         out.append(int.from_bytes(digest[:8], "little"))
     return out
 

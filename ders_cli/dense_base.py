@@ -1,52 +1,103 @@
 """``--base DENSE``: the dense checkpoint's FFN weight each expert group was upcycled from,
-matched by layer, shape and similarity."""
+matched by layer, shape and similarity.
+
+A member of a group is not always one dense tensor as it is: fused layouts hold gate and up
+together ([2I, H] halves in Mixtral's fused form and Granite, interleaved in gpt-oss) and some
+store matrices as [in, out] (Llama-4, gpt-oss, DBRX's w2). So the candidates for a group are the
+dense tensors of its layer, transposed or not, and ordered pairs of them concatenated or
+interleaved along rows (and transposed), whichever have the member's shape; the one most like
+the group's mean is the base.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from itertools import permutations
 
 import torch
 
 from .checkpoint import Checkpoint, ShardFiles
 from .constants import FLOAT_DTYPES
-from .detect import layer_of
+from .detect import layer_key, layer_of
 from .errors import InputError
 from .records import ExpertGroup
 from .safetensors_io import TORCH_DTYPES
 from .stats import cosines_to
 
+Candidate = tuple[str, Callable[[], torch.Tensor]]
+
+
+def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([a, b], dim=1).reshape(2 * a.shape[0], *a.shape[1:])
+
 
 class DenseMatcher:
-    """Finds, for a group, the dense tensor of the same layer and shape most like its mean."""
+    """Finds, for a group, the dense weight (or pair of weights) most like its experts."""
 
     def __init__(self, dense: Checkpoint, threshold: float) -> None:
         self.dense = dense
         self.threshold = threshold
         self._files = ShardFiles(dense)
-        self._by_shape: dict[tuple[int, ...], list[str]] = {}
-        for name, (_, e) in dense.where.items():
-            if e.dtype in FLOAT_DTYPES and len(e.shape) >= 2:
-                self._by_shape.setdefault(e.shape, []).append(name)
+        self._matrices = [n for n, (_, e) in dense.where.items()
+                          if e.dtype in FLOAT_DTYPES and len(e.shape) == 2]
+        self._cache: dict[str, torch.Tensor] = {}
 
     def close(self) -> None:
         self._files.close()
 
+    def _load(self, name: str) -> torch.Tensor:
+        if name not in self._cache:
+            self._cache[name] = self._files.of(name).tensor(self.dense.entry(name)).float()
+        return self._cache[name]
+
+    def _layer_tensors(self, group: ExpertGroup) -> list[str]:
+        first = group.members[0].tensor
+        key, index = layer_key(first), layer_of(first)
+        same_key = [n for n in self._matrices if key is not None and layer_key(n) == key]
+        if same_key:
+            return same_key
+        # Another architecture's names (an MoE upcycled from a differently named dense model).
+        return [n for n in self._matrices if index is None or layer_of(n) in (index, None)]
+
+    def _candidates(self, group: ExpertGroup, names: list[str]) -> Iterator[Candidate]:
+        target = tuple(group.shape)
+        shape = {n: self.dense.entry(n).shape for n in names}
+        for n in names:
+            if shape[n] == target:
+                yield n, lambda n=n: self._load(n)
+            if shape[n][::-1] == target:
+                yield f"{n}.T", lambda n=n: self._load(n).T
+        for a, b in permutations(names, 2):
+            if shape[a] != shape[b]:
+                continue
+            rows, cols = shape[a]
+            joins = {"cat": lambda a=a, b=b: torch.cat([self._load(a), self._load(b)]),
+                     "interleave": lambda a=a, b=b: _interleave(self._load(a), self._load(b))}
+            for how, make in joins.items():
+                if (2 * rows, cols) == target:
+                    yield f"{how}({a}, {b})", make
+                if (cols, 2 * rows) == target:
+                    yield f"{how}({a}, {b}).T", lambda make=make: make().T
+
     def match(self, group: ExpertGroup, mean: torch.Tensor) -> tuple[str, torch.Tensor, float]:
-        """(dense tensor name, its weights in the group's dtype, cosine to the group's mean)."""
-        layer = layer_of(group.members[0].tensor)
-        candidates = [n for n in self._by_shape.get(group.shape, ())
-                      if layer is None or layer_of(n) in (layer, None)]
-        where = self.dense.root
-        if not candidates:
-            raise InputError(f"no dense tensor of shape {list(group.shape)} in layer {layer} "
-                             f"to serve as base of {group.key!r}", where)
-        best = (-2.0, "", None)
+        """(description of the dense source, its weights in the group's dtype and shape, cosine
+        to the group's mean)."""
+        names = self._layer_tensors(group)
+        layer = layer_key(group.members[0].tensor) or "the checkpoint"
+        best: tuple[float, str, torch.Tensor | None] = (-2.0, "", None)
         m = mean.reshape(1, -1).float()
-        for name in candidates:
-            t = self._files.of(name).tensor(self.dense.entry(name))
-            cos = float(cosines_to(m, t.reshape(-1).float())[0])
+        for desc, make in self._candidates(group, names):
+            t = make().contiguous()
+            cos = float(cosines_to(m, t.reshape(-1))[0])
             if cos > best[0]:
-                best = (cos, name, t)
-        cos, name, t = best
+                best = (cos, desc, t)
+        cos, desc, t = best
+        where = self.dense.root
+        if t is None:
+            raise InputError(f"no dense tensor of {layer} can form shape {list(group.shape)} "
+                             f"to serve as base of {group.key!r}", where)
         if cos < self.threshold:
-            raise InputError(f"no dense tensor matches {group.key!r}: the closest, {name!r}, has "
+            raise InputError(f"no dense tensor matches {group.key!r}: the closest, {desc}, has "
                              f"cosine {cos:.4f} to the experts (needs {self.threshold})", where)
-        return name, t.to(TORCH_DTYPES[group.dtype]), cos
+        self._cache = {n: v for n, v in self._cache.items() if n in names}  # this layer only
+        return desc, t.to(TORCH_DTYPES[group.dtype]), cos

@@ -1,24 +1,39 @@
 """Finding expert groups from tensor names and shapes, without configuration.
 
-A per-expert tensor's name holds one integer component (or ``expert_{E}``) that follows an
-experts-like component at most two places before it: ``...experts.{E}.w1.weight``,
-``...deepspeed_experts.{E}.fc1.weight``, ``...experts.weight_gate.{E}``,
-``...experts.expert_{E}.wi.weight``. Tensors whose names agree once that component is replaced
-by ``{E}`` form a group if they also agree in dtype and shape. Whether a group really was
-upcycled is decided later, from the weights (see ``stats``).
+Three on-disk forms (see LAYOUTS in the docs):
+
+- per-expert tensors: one integer component (or ``expert_{E}``) that follows an experts-like
+  component at most two places before it: ``...experts.{E}.w1.weight``,
+  ``...deepspeed_experts.{E}.fc1.weight``, ``...experts.weight_gate.{E}``,
+  ``...experts.expert_{E}.wi.weight``. Names that agree once it is written ``{E}``, with one
+  dtype and shape, form a group.
+- fused tensors: one tensor ``[E, ...]`` (3-D or more) under an experts-like component, or
+  named like Granite's ``input_linear``/``output_linear``; slice ``e`` is expert ``e``.
+- stacked 2-D tensors ``[E*I, H]`` under an experts-like component (DBRX), when the config
+  says how many experts there are.
+
+Experts are matrices: 1-D per-expert biases and norms pass through, and so do quantization
+companions (block scales) whatever their shape. Whether a group really was upcycled is decided
+later, from the weights.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from .constants import FLOAT_DTYPES
 from .records import ExpertGroup, Member
 from .safetensors_io import TensorEntry
 
-# Components that hold experts; family knowledge is data (see LAYOUTS in the docs).
+# Family knowledge as data.
 EXPERT_CONTAINERS = frozenset({"experts", "deepspeed_experts", "local_experts"})
+FUSED_COMPONENTS = frozenset({"input_linear", "output_linear"})  # Granite, JetMoE
+SHARED_CONTAINERS = ("shared_expert", "shared_experts", "meta_moe", "residual_mlp",
+                     "universal_expert", "shared_mlp")
+COMPANION_SUFFIXES = ("_scale_inv", "_scales", "_blocks", "weight_scale", "input_scale",
+                      ".qweight", ".qzeros", ".scales", ".g_idx")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _EXPERT_ITEM = re.compile(r"^expert_(\d+)$")
 _LAYER_CONTAINERS = frozenset({"layers", "layer", "h", "blocks", "block"})
 _WINDOW = 2
@@ -31,6 +46,15 @@ class Skipped:
     key: str
     members: tuple[str, ...]
     reason: str
+
+
+@dataclass(frozen=True)
+class Found:
+    """Detection's result: groups (each with shared-FFN candidates) and what was left out."""
+
+    groups: list[ExpertGroup]
+    skipped: list[Skipped]
+    shared: dict[str, tuple[Member, ...]] = field(default_factory=dict)  # key -> candidates
 
 
 def expert_slot(name: str) -> tuple[str, int] | None:
@@ -51,37 +75,135 @@ def expert_slot(name: str) -> tuple[str, int] | None:
 
 def layer_of(name: str) -> int | None:
     """The layer index in a tensor name (``model.layers.3...`` -> 3), if it has one."""
+    key = layer_key(name)
+    return None if key is None else int(key.rsplit(".", 1)[1])
+
+
+def layer_key(name: str) -> str | None:
+    """The name up to its layer index (``model.encoder.layers.3``), if it has one."""
     parts = name.split(".")
     for j in range(1, len(parts)):
         if parts[j].isdigit() and parts[j - 1] in _LAYER_CONTAINERS:
-            return int(parts[j])
+            return ".".join(parts[: j + 1])
     return None
 
 
-def find_groups(entries: dict[str, TensorEntry]) -> tuple[list[ExpertGroup], list[Skipped]]:
+def expert_count_hint(config: dict | None) -> int | None:
+    """The number of experts a config.json declares, under any family's key."""
+    if not isinstance(config, dict):
+        return None
+    for scope in (config, config.get("ffn_config"), config.get("text_config"),
+                  config.get("moe")):
+        if not isinstance(scope, dict):
+            continue
+        for key in EXPERT_COUNT_KEYS:
+            value = scope.get(key)
+            if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+                value = max(value)  # MoE-LLaVA lists a count per MoE layer
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+                return value
+    return None
+
+
+def _is_companion(name: str) -> bool:
+    return name.endswith(COMPANION_SUFFIXES)
+
+
+def find_groups(entries: dict[str, TensorEntry], config: dict | None = None) -> Found:
     """Expert groups among a checkpoint's tensors, and the naming groups that do not qualify."""
     by_key: dict[str, dict[int, str]] = {}
+    rest = []
     for name in entries:
+        if _is_companion(name):
+            continue
         slot = expert_slot(name)
         if slot is not None:
             by_key.setdefault(slot[0], {})[slot[1]] = name
+        else:
+            rest.append(name)
     groups, skipped = [], []
     for key, members in by_key.items():
         order = sorted(members)
         names = tuple(members[i] for i in order)
+        reason = _disqualify(names, entries)
+        if reason:
+            skipped.append(Skipped(key, names, reason))
+            continue
         first = entries[names[0]]
-        if len(names) < 2:
-            skipped.append(Skipped(key, names, "only one expert"))
-        elif any(entries[n].shape != first.shape for n in names):
-            skipped.append(Skipped(key, names, "experts differ in shape: not copies of one FFN"))
-        elif any(entries[n].dtype != first.dtype for n in names):
-            skipped.append(Skipped(key, names, "experts differ in dtype"))
-        elif first.dtype not in FLOAT_DTYPES:
-            skipped.append(Skipped(key, names, f"{first.dtype} experts pass through (ders "
-                                               f"decomposes {', '.join(FLOAT_DTYPES)})"))
-        elif first.numel == 0:
-            skipped.append(Skipped(key, names, "empty tensors"))
-        else:
-            groups.append(ExpertGroup(key, tuple(Member(n) for n in names), tuple(order),
-                                      first.dtype, first.shape))
-    return groups, skipped
+        groups.append(ExpertGroup(key, tuple(Member(n) for n in names), tuple(order),
+                                  first.dtype, first.shape))
+    hint = expert_count_hint(config)
+    for name in rest:
+        group = _fused_group(entries[name], hint)
+        if group is not None:
+            groups.append(group)
+    shared = {g.key: _shared_candidates(g, entries) for g in groups}
+    return Found(groups, skipped, {k: v for k, v in shared.items() if v})
+
+
+def _disqualify(names: tuple[str, ...], entries: dict[str, TensorEntry]) -> str:
+    first = entries[names[0]]
+    if len(names) < 2:
+        return "only one expert"
+    if any(entries[n].shape != first.shape for n in names):
+        return "experts differ in shape: not copies of one FFN"
+    if any(entries[n].dtype != first.dtype for n in names):
+        return "experts differ in dtype"
+    if first.dtype not in FLOAT_DTYPES:
+        return f"{first.dtype} experts pass through (ders decomposes {', '.join(FLOAT_DTYPES)})"
+    if len(first.shape) < 2:
+        return "per-expert vectors (biases, norms) pass through"
+    if first.numel == 0:
+        return "empty tensors"
+    return ""
+
+
+def _fused_group(e: TensorEntry, hint: int | None) -> ExpertGroup | None:
+    parts = e.name.split(".")
+    under_experts = any(p in EXPERT_CONTAINERS for p in parts)
+    if e.dtype not in FLOAT_DTYPES or e.numel == 0:
+        return None
+    if len(e.shape) >= 3 and (under_experts or any(p in FUSED_COMPONENTS for p in parts)):
+        count, shape = e.shape[0], e.shape[1:]
+    elif (len(e.shape) == 2 and under_experts and hint is not None and e.shape[0] % hint == 0
+          and e.shape[0] > hint):
+        count, shape = hint, (e.shape[0] // hint, e.shape[1])  # DBRX: [E*I, H] as [E, I, H]
+    else:
+        return None
+    if count < 2:
+        return None
+    members = tuple(Member(e.name, i, count) for i in range(count))
+    return ExpertGroup(f"{e.name}[{{E}}]", members, tuple(range(count)), e.dtype, tuple(shape))
+
+
+def _shared_candidates(g: ExpertGroup, entries: dict[str, TensorEntry]) -> tuple[Member, ...]:
+    """Always-on FFN tensors of the same layer, role, dtype and shape as the group's experts
+    (Med-MoE's meta_moe, Qwen2-MoE's shared_expert, DeepSeek's shared_experts, ...): the
+    candidates of extended DeRS. Similarity decides later whether they join."""
+    first = g.members[0]
+    if first.slice is not None:
+        return ()
+    key = g.key
+    for form in ("{E}", "expert_{E}"):
+        if f".{form}." in key:
+            head, suffix = key.split(f".{form}.", 1)
+            break
+    else:
+        return ()
+    parts = head.split(".")
+    container = max(i for i, p in enumerate(parts) if p in EXPERT_CONTAINERS)
+    out = []
+    for depth in range(container, 0, -1):
+        ancestor = ".".join(parts[:depth])
+        for shared in SHARED_CONTAINERS:
+            name = f"{ancestor}.{shared}.{suffix}"
+            e = entries.get(name)
+            if e is not None and e.shape == g.shape and e.dtype == g.dtype:
+                out.append(Member(name))
+    return tuple(dict.fromkeys(out))
+
+
+def with_members(g: ExpertGroup, extra: tuple[Member, ...]) -> ExpertGroup:
+    """The group with ``extra`` members (joined shared FFNs) after its experts."""
+    return replace(g, members=g.members + extra,
+                   experts=g.experts + tuple(-1 - i for i in range(len(extra))))

@@ -9,14 +9,16 @@ from pathlib import Path
 import torch
 
 from .checkpoint import open_checkpoint
-from .compress import planned_size, read_group
 from .constants import DEFAULT_UPCYCLED_COS
 from .decompose import CodecSpec, QuantSpec, SparseSpec
 from .dense_base import DenseMatcher
 from .detect import find_groups, layer_of
 from .errors import UsageError
+from .grouping import load_group
+from .plan import planned_size
 from .progress import Reporter, Silent
-from .stats import cosines_to, mean_base, pairwise_cosines, relative_norms
+from .records import ExpertGroup
+from .stats import pairwise_cosines, relative_norms
 
 SETTINGS: tuple[CodecSpec, ...] = (
     SparseSpec(0.5), SparseSpec(0.9), SparseSpec(0.99),
@@ -27,8 +29,8 @@ SETTINGS: tuple[CodecSpec, ...] = (
 @dataclass
 class GroupReport:
     key: str
-    tensors: list[str]
-    num_experts: int
+    tensors: list[str]  # member labels: tensor names, "name[i]" for slices of a fused tensor
+    num_experts: int  # members, shared FFNs that joined included
     layer: int | None
     shape: list[int]
     dtype: str
@@ -41,6 +43,7 @@ class GroupReport:
     cos_between_sampled: bool
     rel_delta_norm: list[float]
     upcycled: bool
+    shared: list[dict] = field(default_factory=list)  # {"tensor", "cos", "joins"}
 
 
 @dataclass
@@ -74,56 +77,52 @@ class InspectReport:
 
 
 def inspect_model(model: str | Path, *, base: str | Path = "mean",
-                  threshold: float = DEFAULT_UPCYCLED_COS,
+                  threshold: float = DEFAULT_UPCYCLED_COS, use_shared: bool = True,
                   reporter: Reporter | None = None) -> InspectReport:
     """Measure every expert group of ``model`` against its base (mean, or a dense checkpoint)."""
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
     reporter = reporter or Silent()
     ckpt = open_checkpoint(model)
-    groups, skipped = find_groups({n: e for n, (_, e) in ckpt.where.items()})
+    found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
     matcher = DenseMatcher(open_checkpoint(base), threshold) if str(base) != "mean" else None
-    side = ckpt.side_bytes
-    total_params = sum(e.numel for _, e in ckpt.where.values())
-    report = InspectReport(str(model), threshold, total_params,
-                           sum(g.numel * len(g.members) for g in groups), 0,
-                           ckpt.tensor_bytes, side,
-                           skipped=[{"key": s.key, "reason": s.reason} for s in skipped])
-    reporter.start("inspect", sum(g.nbytes for g in groups), len(groups))
+    report = InspectReport(str(model), threshold, sum(e.numel for _, e in ckpt.where.values()),
+                           0, 0, ckpt.tensor_bytes, ckpt.side_bytes,
+                           skipped=[{"key": s.key, "reason": s.reason} for s in found.skipped])
+    final: dict[str, ExpertGroup | None] = {}
+    reporter.start("inspect", sum(g.nbytes for g in found.groups), len(found.groups))
     try:
         with ckpt.open() as files:
-            for g in groups:
-                members, _ = read_group(files, ckpt, g)
+            for g in found.groups:
+                loaded = load_group(files, ckpt, g, found.shared.get(g.key, ()),
+                                    threshold=threshold, matcher=matcher, use_shared=use_shared)
+                g = loaded.group
+                flat = loaded.flat()
                 n = len(g.members)
-                cd = torch.float64 if g.dtype == "F64" else torch.float32
-                flat = members.reshape(n, -1).to(cd)
-                mean = mean_base(members)
-                base_name, b = "mean", mean
-                if matcher is not None:
-                    source, b, _ = matcher.match(g, mean)
-                    base_name = f"dense {source}"
-                bc = b.reshape(-1).to(cd)
-                cos = cosines_to(flat, bc)
                 pair, sampled = pairwise_cosines(flat)
-                off_diag = pair[~torch.eye(n, dtype=torch.bool)]
-                rel = relative_norms(flat - bc, flat)
+                off_diag = pair[~torch.eye(n, dtype=torch.bool)] if n > 1 else pair.reshape(-1)
+                rel = relative_norms(flat - loaded.base.reshape(1, -1).to(flat.dtype), flat)
+                upcycled = loaded.min_cos >= threshold
+                final[g.key] = g if upcycled else None
+                report.expert_params += g.numel * n
+                report.upcycled_params += g.numel * n if upcycled else 0
                 report.groups.append(GroupReport(
                     key=g.key, tensors=[m.label for m in g.members], num_experts=n,
                     layer=layer_of(g.members[0].tensor), shape=list(g.shape), dtype=g.dtype,
-                    nbytes=g.nbytes, base=base_name,
-                    cos_to_base=cos.tolist(), cos_to_base_min=float(cos.min()),
+                    nbytes=g.nbytes, base=loaded.base_label,
+                    cos_to_base=loaded.cos_to_base.tolist(), cos_to_base_min=loaded.min_cos,
                     cos_between=pair.tolist(), cos_between_min=float(off_diag.min()),
                     cos_between_sampled=sampled, rel_delta_norm=rel.tolist(),
-                    upcycled=bool(float(cos.min()) >= threshold)))
+                    upcycled=upcycled,
+                    shared=[{"tensor": c.member.label, "cos": c.cos, "joins": c.joined}
+                            for c in loaded.shared]))
                 reporter.advance(g.nbytes, 1)
     finally:
         if matcher is not None:
             matcher.close()
-    upcycled = {r.key for r in report.groups if r.upcycled}
-    report.upcycled_params = sum(g.numel * len(g.members) for g in groups if g.key in upcycled)
-    original = ckpt.tensor_bytes + side
+    original = ckpt.tensor_bytes + ckpt.side_bytes
     for spec in SETTINGS:
-        size = planned_size(ckpt, groups, upcycled, spec)
+        size = planned_size(ckpt, found, final, spec)
         report.estimates.append(Estimate(spec.label, size, size / original if original else 0))
     reporter.finish()
     return report

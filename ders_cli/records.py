@@ -128,10 +128,6 @@ class GroupRecord:
     def tensors(self) -> list[str]:
         return tensors_of(self.members)
 
-    def as_group(self) -> ExpertGroup:
-        return ExpertGroup(self.key, self.members, tuple(range(len(self.members))), self.dtype,
-                           self.shape)
-
 
 @dataclass(frozen=True)
 class Manifest:

@@ -15,10 +15,10 @@ from pathlib import Path
 from .archive import ArchiveReader
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
 from .codecs import compute_dtype
-from .compress import read_group
 from .decompose import codec_label
 from .errors import CorruptArchiveError
 from .expand import group_rows, shard_headers, synthesize_member
+from .grouping import read_members
 from .progress import Reporter, Silent
 from .records import GroupRecord
 from .safetensors_io import tensor_bytes
@@ -158,7 +158,7 @@ def _check_group(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
     rel, cos = list(g.rel_error), list(g.cos)
     original = None
     if files is not None and all(t in ckpt.where for t in g.tensors):
-        original, shas = read_group(files, ckpt, g.as_group())
+        original, shas = read_members(files, ckpt, g.members, g.dtype, g.shape)
         for name, sha in shas.items():
             if sha != reader.manifest.tensors[name].sha256:
                 report.fail(f"tensor {name!r} differs from the archive's source")

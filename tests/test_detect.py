@@ -71,7 +71,8 @@ def test_groups_members_in_expert_order_and_reasons_for_the_rest():
         "model.layers.4.mlp.experts.1.up_proj.weight": ("F32", (8, 4)),
         "model.norm.weight": ("F32", (4,)),
     })
-    groups, skipped = find_groups(entries(spec))
+    found = find_groups(entries(spec))
+    groups, skipped = found.groups, found.skipped
     assert len(groups) == 1
     g = groups[0]
     assert g.key == "model.layers.0.block_sparse_moe.experts.{E}.w1.weight"

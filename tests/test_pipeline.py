@@ -234,8 +234,8 @@ def long_names(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("case", ["sparse", "quant", "dense", "scratch", "long"])
 def test_header_estimate_covers_what_is_written(model, tmp_path, case):
     from ders_cli.checkpoint import open_checkpoint
-    from ders_cli.compress import estimate_header
     from ders_cli.detect import find_groups
+    from ders_cli.plan import estimate_header
 
     src, kwargs, spec = model, {}, ders.SparseSpec(0.9)
     if case == "quant":
@@ -249,6 +249,6 @@ def test_header_estimate_covers_what_is_written(model, tmp_path, case):
     elif case == "long":
         src = long_names(tmp_path)
     ckpt = open_checkpoint(src)
-    groups, _ = find_groups({n: e for n, (_, e) in ckpt.where.items()})
+    found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
     result = ders.compress(src, spec, tmp_path / "a.ders", reserve=0, **kwargs)
-    assert result.header_bytes <= estimate_header(ckpt, groups)
+    assert result.header_bytes <= estimate_header(ckpt, found)

@@ -1,0 +1,108 @@
+"""Loading one expert group and deciding what it is: its members' weights, the shared FFNs
+that join it (extended DeRS), its base, and how close every member is to that base."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import Checkpoint, ShardFiles
+from .codecs import compute_dtype
+from .dense_base import DenseMatcher
+from .detect import with_members
+from .errors import InputError
+from .records import ExpertGroup, Member
+from .safetensors_io import TORCH_DTYPES
+from .stats import cosines_to, mean_base
+
+
+@dataclass(frozen=True)
+class SharedCandidate:
+    member: Member
+    cos: float  # to the mean of the experts
+    joined: bool
+
+
+@dataclass
+class LoadedGroup:
+    group: ExpertGroup  # with the shared FFNs that joined, after the experts
+    weights: torch.Tensor  # [members, *shape] in the group's dtype
+    shas: dict[str, str]  # sha256 of every tensor the members live in
+    base: torch.Tensor  # in the group's dtype and shape
+    base_record: dict  # {"kind": "mean"} or {"kind": "dense", "source": description}
+    cos_to_base: torch.Tensor  # float64, per member
+    shared: list[SharedCandidate] = field(default_factory=list)
+
+    @property
+    def base_label(self) -> str:
+        """'mean', or 'dense ' and the dense weight it came from."""
+        if self.base_record["kind"] == "mean":
+            return "mean"
+        return f"dense {self.base_record['source']}"
+
+    @property
+    def min_cos(self) -> float:
+        return float(self.cos_to_base.min())
+
+    def flat(self) -> torch.Tensor:
+        """Members as [N, numel] in the compute dtype (a new tensor)."""
+        return self.weights.reshape(len(self.group.members), -1).to(
+            compute_dtype(self.group.dtype), copy=True)
+
+
+def read_members(files: ShardFiles, ckpt: Checkpoint, members: tuple[Member, ...], dtype: str,
+                 shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, str]]:
+    """Members as one ``[N, *shape]`` tensor, and the sha256 of each tensor they live in (a
+    fused tensor's slices, hashed in order, are the whole tensor)."""
+    out = torch.empty((len(members), *shape), dtype=TORCH_DTYPES[dtype])
+    flat = out.view(len(members), -1).view(torch.uint8)
+    views = []
+    for i, m in enumerate(members):
+        e = ckpt.entry(m.tensor)
+        offset, _ = m.byte_range(e.begin, e.nbytes)
+        views.append(memoryview(flat[i].numpy()))
+        files.of(m.tensor).read_into(offset, views[i])
+    shas = {}
+    for name in dict.fromkeys(m.tensor for m in members):
+        parts = sorted((m.slice or 0, i) for i, m in enumerate(members) if m.tensor == name)
+        sha = hashlib.sha256()
+        for _, i in parts:
+            sha.update(views[i])
+        shas[name] = sha.hexdigest()
+    if not bool(torch.isfinite(out).all()):
+        bad = next(m for i, m in enumerate(members) if not bool(torch.isfinite(out[i]).all()))
+        raise InputError(f"tensor {bad.label!r} contains NaN or Inf; ders will not decompose it",
+                         files.of(bad.tensor).path)
+    return out, shas
+
+
+def load_group(files: ShardFiles, ckpt: Checkpoint, g: ExpertGroup,
+               candidates: tuple[Member, ...] = (), *, threshold: float,
+               matcher: DenseMatcher | None = None, use_shared: bool = True) -> LoadedGroup:
+    """Read a group, let same-shape shared FFNs that are as similar as the experts join it,
+    and measure every member against the base (the mean, or the dense checkpoint's FFN)."""
+    weights, shas = read_members(files, ckpt, g.members, g.dtype, g.shape)
+    cd = compute_dtype(g.dtype)
+    shared = []
+    if candidates:
+        experts_mean = mean_base(weights).reshape(-1).to(cd)
+        joined = []
+        for c in candidates:
+            t, sha = read_members(files, ckpt, (c,), g.dtype, g.shape)
+            cos = float(cosines_to(t.reshape(1, -1).to(cd), experts_mean)[0])
+            join = use_shared and cos >= threshold
+            shared.append(SharedCandidate(c, cos, join))
+            if join:
+                joined.append(c)
+                weights = torch.cat([weights, t])
+                shas.update(sha)
+        g = with_members(g, tuple(joined))
+    base = mean = mean_base(weights)
+    base_record: dict = {"kind": "mean"}
+    if matcher is not None:
+        source, base, _ = matcher.match(g, mean)
+        base_record = {"kind": "dense", "source": source}
+    cos = cosines_to(weights.reshape(len(g.members), -1).to(cd), base.reshape(-1).to(cd))
+    return LoadedGroup(g, weights, shas, base, base_record, cos, shared)
