@@ -11,6 +11,7 @@ import os
 import re
 from contextlib import ExitStack
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
 
 from .constants import RESERVED_PREFIX
@@ -93,22 +94,24 @@ def resolve(spec: str | Path) -> Path:
 
 def _from_hub(spec: str) -> Path:
     repo_id, _, revision = spec.partition("@")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
+    try:
         return Path(snapshot_download(repo_id, revision=revision or None,
                                       ignore_patterns=HUB_IGNORE))
     except Exception as exc:  # the hub raises many types; all mean "cannot get it"
-        reason = type(exc).__name__
-        raise InputError(f"not a local path, and the Hugging Face Hub could not provide it "
-                         f"({reason}; set HF_HUB_OFFLINE=1 to use only the local cache)",
-                         spec) from None
+        if constants.HF_HUB_OFFLINE:
+            why = "and not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
+        else:
+            why = f"and the Hugging Face Hub could not provide it ({type(exc).__name__})"
+        raise InputError(f"not a local path, {why}", spec) from None
 
 
 def open_checkpoint(spec: str | Path) -> Checkpoint:
     """Find and validate a checkpoint: a folder, a .safetensors file or a Hub repo id."""
     local = Path(spec).expanduser().exists()
     path = resolve(spec)
+    ignore = () if local else HUB_IGNORE  # a cached snapshot may hold other formats' weights
     if path.is_file():
         if path.suffix != ".safetensors":
             raise InputError("expected a model folder or a .safetensors file", path)
@@ -121,7 +124,8 @@ def open_checkpoint(spec: str | Path) -> Checkpoint:
         raise InputError("no .safetensors files in this folder", path)
     _check_index(path, files)
     shards = tuple(Shard(f, read_header(path / f)) for f in files)
-    side = tuple(sorted(_side_files(path, set(files))))
+    side = tuple(sorted(p for p in _side_files(path, set(files))
+                        if not any(fnmatch(p, pattern) for pattern in ignore)))
     # A Hub repo id names its outputs after the repo, not after the cache's snapshot hash.
     name = path.resolve().name if local else str(spec).split("@", 1)[0].rsplit("/", 1)[-1]
     return _build(path, "folder", name, shards, side)

@@ -87,3 +87,28 @@ def test_console_script_maps_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     expected = f"ders: {tmp_path / 'nope'}: no such file or folder"
     assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_inspect_plot(model, tmp_path):
+    pytest.importorskip("matplotlib")
+    r = run("inspect", model, "--plot", tmp_path / "sim.png")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "sim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = run("inspect", model, "--plot", tmp_path / "missing" / "sim.png")
+    assert r.exit_code == 2 and "output folder does not exist" in r.stderr
+
+
+def test_options_reach_the_library(model, tmp_path, monkeypatch):
+    seen = {}
+
+    def fake(model_arg, spec, out, **kwargs):
+        seen.update(kwargs, spec=spec, out=out)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("ders_cli.cli.compress_cmd.compress", fake)
+    run("quantize", model, "--bits", "3", "--group-size", "64", "--no-shared", "--all-groups",
+        "--threshold", "0.5", "--base", "dense/", "--force", "-o", tmp_path / "x.ders")
+    assert seen["spec"].bits == 3 and seen["spec"].group_size == 64
+    assert seen["use_shared"] is False and seen["all_groups"] is True and seen["overwrite"]
+    assert seen["threshold"] == 0.5 and seen["base"] == "dense/"
+    assert seen["out"] == tmp_path / "x.ders"

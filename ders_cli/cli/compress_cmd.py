@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,13 +12,15 @@ from rich.table import Table
 from ..compress import CompressResult, compress
 from ..constants import DEFAULT_GROUP_SIZE
 from ..decompose import CodecSpec, QuantSpec, SparseSpec
-from .console import RichReporter, human_bytes, out, print_json, reported
+from .console import RichReporter, human_bytes, natural_key, out, print_json, reported
 from .options import (
     DEFAULT_THRESHOLD,
+    AllGroupsOpt,
     BaseOpt,
     ForceOpt,
     JsonOpt,
     ModelArg,
+    NoSharedOpt,
     OutOpt,
     QuietOpt,
     ThresholdOpt,
@@ -32,12 +35,15 @@ def compress_cmd(
     base: BaseOpt = "mean",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random masks.")] = 0,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
+    no_shared: NoSharedOpt = False,
+    all_groups: AllGroupsOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """DeRS sparsification: one base per expert group plus sparse deltas, into a .ders file."""
-    _run(model, SparseSpec(drop, seed), out_path, base, threshold, force, json, quiet)
+    _run(model, SparseSpec(drop, seed), out_path, base, threshold, no_shared, all_groups, force,
+         json, quiet)
 
 
 def quantize_cmd(
@@ -48,20 +54,24 @@ def quantize_cmd(
         "--group-size", help="Elements sharing one scale and offset.")] = DEFAULT_GROUP_SIZE,
     base: BaseOpt = "mean",
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
+    no_shared: NoSharedOpt = False,
+    all_groups: AllGroupsOpt = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """DeRS quantization: one base per expert group plus k-bit deltas, into a .ders file."""
-    _run(model, QuantSpec(bits, group_size), out_path, base, threshold, force, json, quiet)
+    _run(model, QuantSpec(bits, group_size), out_path, base, threshold, no_shared, all_groups,
+         force, json, quiet)
 
 
-def _run(model: str, spec: CodecSpec, out_path, base: str, threshold: float, force: bool,
-         json: bool, quiet: bool) -> None:
+def _run(model: str, spec: CodecSpec, out_path: Path | None, base: str, threshold: float,
+         no_shared: bool, all_groups: bool, force: bool, json: bool, quiet: bool) -> None:
     start = time.perf_counter()
     with reported():
         result = compress(model, spec, out_path, base=base, threshold=threshold,
-                          overwrite=force, reporter=RichReporter(quiet or json))
+                          use_shared=not no_shared, all_groups=all_groups, overwrite=force,
+                          reporter=RichReporter(quiet or json))
     if json:
         doc = result.to_dict()
         doc["seconds"] = time.perf_counter() - start
@@ -75,10 +85,11 @@ def show(r: CompressResult, seconds: float) -> None:
     for col, just in (("group", "left"), ("N", "right"), ("stored as", "left"),
                       ("bytes", "right"), ("of original", "right"), ("rel. error (max)", "right"),
                       ("cos (min)", "right")):
-        table.add_column(col, justify=just)
-    for g in r.groups:
+        table.add_column(col, justify=just, overflow="fold")
+    for g in sorted(r.groups, key=lambda g: natural_key(g.key)):
         passthrough = g.action == "passthrough"
-        table.add_row(g.key, str(g.members), "as it is" if passthrough else r.setting,
+        members = str(g.members) + (f" ({len(g.shared)} shared)" if g.shared else "")
+        table.add_row(g.key, members, "as it is" if passthrough else r.setting,
                       human_bytes(g.stored_bytes), f"{g.stored_bytes / g.original_bytes:.1%}",
                       "-" if passthrough else f"{g.max_rel_error:.2e}",
                       "-" if passthrough else f"{g.min_cos:.6f}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +48,11 @@ def human_count(n: float) -> str:
             return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
         n /= 1000
     raise AssertionError
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders layer 2 before layer 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 def print_json(doc: object) -> None:

@@ -2,23 +2,58 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
+import typer
 from rich.table import Table
 
 from ..inspection import InspectReport, inspect_model
-from .console import RichReporter, human_bytes, human_count, out, print_json, reported
-from .options import DEFAULT_THRESHOLD, BaseOpt, JsonOpt, ModelArg, QuietOpt, ThresholdOpt
+from .console import (
+    RichReporter,
+    human_bytes,
+    human_count,
+    natural_key,
+    out,
+    print_json,
+    reported,
+)
+from .options import (
+    DEFAULT_THRESHOLD,
+    BaseOpt,
+    JsonOpt,
+    ModelArg,
+    NoSharedOpt,
+    QuietOpt,
+    ThresholdOpt,
+)
 
 
-def inspect(model: ModelArg, base: BaseOpt = "mean", threshold: ThresholdOpt = DEFAULT_THRESHOLD,
-            json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+def inspect(
+    model: ModelArg,
+    base: BaseOpt = "mean",
+    threshold: ThresholdOpt = DEFAULT_THRESHOLD,
+    no_shared: NoSharedOpt = False,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Also draw the expert-similarity heat maps to this image (needs "
+                       "matplotlib).", show_default=False)] = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
     """Find the expert groups, show how alike their experts are and what ders would save."""
     with reported():
-        report = inspect_model(model, base=base, threshold=threshold,
+        report = inspect_model(model, base=base, threshold=threshold, use_shared=not no_shared,
                                reporter=RichReporter(quiet or json))
+        if plot is not None:
+            from ..plot import plot_similarity
+
+            plot_similarity(report, plot)
     if json:
         print_json(report.to_dict())
     else:
         show(report)
+        if plot is not None:
+            out.print(f"heat maps: {plot}")
 
 
 def show(r: InspectReport) -> None:
@@ -26,9 +61,11 @@ def show(r: InspectReport) -> None:
     for col, just in (("group", "left"), ("N", "right"), ("shape", "left"), ("dtype", "left"),
                       ("cos to base (min)", "right"), ("cos between (min)", "right"),
                       ("|Δ|/|W| (max)", "right"), ("upcycled", "center")):
-        table.add_column(col, justify=just)
-    for g in r.groups:
-        table.add_row(g.key, str(g.num_experts), "x".join(map(str, g.shape)), g.dtype,
+        table.add_column(col, justify=just, overflow="fold")
+    for g in sorted(r.groups, key=lambda g: natural_key(g.key)):
+        joined = sum(s["joins"] for s in g.shared)
+        table.add_row(g.key, f"{g.num_experts - joined}+{joined}" if joined else
+                      str(g.num_experts), "x".join(map(str, g.shape)), g.dtype,
                       f"{g.cos_to_base_min:.6f}",
                       f"{g.cos_between_min:.6f}" + ("*" if g.cos_between_sampled else ""),
                       f"{max(g.rel_delta_norm):.2%}",
@@ -36,8 +73,15 @@ def show(r: InspectReport) -> None:
     out.print(table)
     if any(g.cos_between_sampled for g in r.groups):
         out.print("* on a strided sample of elements (many experts)")
-    if r.groups:
-        out.print(f"base: {r.groups[0].base if len(r.groups) == 1 else _bases(r)}")
+    for g in r.groups:
+        for s in g.shared:
+            verdict = "joins its group (extended DeRS)" if s["joins"] else "stays apart"
+            out.print(f"shared FFN {s['tensor']}: cosine {s['cos']:.6f} to the experts, "
+                      f"{verdict}")
+    bases = {g.base.split()[0] for g in r.groups}
+    if bases:
+        out.print("base: " + ("mean of each group" if bases == {"mean"} else
+                              "dense checkpoint, matched per group"))
     for s in r.skipped:
         out.print(f"[yellow]not a group:[/] {s['key']}: {s['reason']}")
     out.print(f"parameters: {human_count(r.total_params)}; in expert groups: "
@@ -52,8 +96,3 @@ def show(r: InspectReport) -> None:
         est.add_row(e.setting, human_bytes(e.archive_bytes), f"{e.ratio:.1%}",
                     human_bytes(original - e.archive_bytes))
     out.print(est)
-
-
-def _bases(r: InspectReport) -> str:
-    kinds = {g.base.split()[0] for g in r.groups}
-    return "mean of each group" if kinds == {"mean"} else "dense checkpoint, matched per group"

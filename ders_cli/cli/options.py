@@ -22,6 +22,12 @@ ThresholdOpt = Annotated[float, typer.Option(
     "--threshold", help="A group counts as upcycled when every expert has at least this cosine "
                         "to its base; other groups are stored as they are.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
+NoSharedOpt = Annotated[bool, typer.Option(
+    "--no-shared", help="Keep shared/universal FFNs out of their expert group (no extended "
+                        "DeRS), even when they are as similar as the experts.")]
+AllGroupsOpt = Annotated[bool, typer.Option(
+    "--all-groups", help="Compress every expert group, also those that do not look upcycled "
+                         "(experts trained from scratch lose much more).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 

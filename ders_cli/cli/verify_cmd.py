@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..verify import VerifyReport, verify
-from .console import RichReporter, err, out, print_json, reported
+from .console import RichReporter, err, natural_key, out, print_json, reported
 from .options import ArchiveArg, JsonOpt, QuietOpt
 
 
@@ -44,7 +44,7 @@ def show(r: VerifyReport) -> None:
         for col, just in (("group", "left"), ("N", "right"), ("codec", "left"),
                           ("rel. error (max)", "right"), ("cos (min)", "right")):
             table.add_column(col, justify=just)
-        for g in r.groups:
+        for g in sorted(r.groups, key=lambda g: natural_key(g.key)):
             table.add_row(g.key, str(g.members), g.codec, f"{g.max_rel_error:.2e}",
                           f"{g.min_cos:.6f}")
         out.print(table)
