@@ -1,0 +1,1 @@
+"""The ders benchmark: `python -m bench.run` (see README.md, "Benchmark")."""

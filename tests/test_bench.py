@@ -1,0 +1,76 @@
+"""The benchmark's checkpoint generator writes valid, upcycled-looking, right-sized checkpoints;
+the benchmark itself runs end to end at a tiny size."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bench.layout import EXPERT, INDEX_FILE, PROJS, tensor_shapes
+from bench.synth import write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("synth") / "model", 6_000_000,
+                            shard_bytes=2_000_000, hidden=64)
+
+
+def test_size_shards_and_index(ckpt):
+    assert abs(ckpt.bytes / 6_000_000 - 1) < 0.10
+    shards = [f for f in ckpt.files if f.endswith(".safetensors")]
+    assert len(shards) >= 3
+    assert sorted(p.name for p in ckpt.folder.iterdir()) == sorted(ckpt.files)
+    index = json.loads((ckpt.folder / INDEX_FILE).read_text())
+    expected = dict(tensor_shapes(ckpt.dims))
+    assert set(index["weight_map"]) == set(expected)
+    for shard in shards:
+        with safe_open(ckpt.folder / shard, "pt") as f:  # validates header and offsets
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                assert index["weight_map"][name] == shard
+                t = f.get_tensor(name)
+                assert t.dtype == torch.bfloat16 and tuple(t.shape) == expected[name]
+                assert bool(torch.isfinite(t).all())
+    assert index["metadata"]["total_size"] == sum(math.prod(s) * 2 for s in expected.values())
+
+
+def test_experts_look_upcycled(ckpt):
+    tensors = {}
+    for shard in ckpt.files:
+        if shard.endswith(".safetensors"):
+            with safe_open(ckpt.folder / shard, "pt") as f:
+                tensors.update({n: f.get_tensor(n) for n in f.keys()})  # noqa: SIM118
+    for layer, proj in ckpt.expert_groups:
+        w = torch.stack([tensors[EXPERT.format(L=layer, E=e, P=proj)].double().flatten()
+                         for e in range(ckpt.dims.experts)])
+        mean = w.mean(0)
+        own = (w - mean).norm(dim=1) / mean.norm()
+        assert bool(((own > 0.003) & (own < 0.008)).all()), own  # real-slice: 0.5%-0.6%
+        cos = w @ mean / w.norm(dim=1) / mean.norm()
+        assert float(cos.min()) > 0.9999
+    assert len(ckpt.expert_groups) == ckpt.dims.layers * len(PROJS)
+
+
+def test_same_seed_same_bytes(ckpt, tmp_path):
+    again = write_checkpoint(tmp_path / "again", 6_000_000, shard_bytes=2_000_000, hidden=64)
+    for f in ckpt.files:
+        assert (again.folder / f).read_bytes() == (ckpt.folder / f).read_bytes()
+
+
+@pytest.mark.slow
+def test_benchmark_runs_end_to_end(tmp_path):
+    from bench.run import main
+
+    out = tmp_path / "results.json"
+    rc = main(["--sizes", "0.004", "--hidden", "64", "--no-drop-cache", "--workdir",
+               str(tmp_path / "work"), "--json", str(out)])
+    doc = json.loads(out.read_text())
+    assert rc == 0, doc
+    assert [r["ok"] for r in doc["rows"]] == [True] * 7
+    compress = next(r for r in doc["rows"] if r["command"].startswith("ders compress"))
+    assert compress["output_bytes"] >= compress["theory_bytes"]
+    assert not any((tmp_path / "work").iterdir())  # cleaned up
