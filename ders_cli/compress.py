@@ -8,6 +8,7 @@ the next is read.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from .decompose import CodecSpec, encode_group
 from .dense_base import DenseMatcher
 from .detect import Found, find_groups
 from .errors import UsageError
-from .grouping import load_group
+from .grouping import Fetched, fetch_group, prepare_group
+from .lanes import Lane, release_memory
 from .outputs import check_new_output
 from .plan import estimate_header, units
 from .progress import Reporter, Silent
@@ -114,6 +116,9 @@ def compress(model: str | Path, spec: CodecSpec, out: str | Path | None = None, 
 
 
 class _Job:
+    """One compress run. The main thread does the arithmetic of one group while the reader
+    lane fetches the next group and the writer lane stores what is done, in archive order."""
+
     def __init__(self, ckpt: Checkpoint, found: Found, spec: CodecSpec,
                  matcher: DenseMatcher | None, threshold: float, use_shared: bool,
                  all_groups: bool, reporter: Reporter) -> None:
@@ -146,11 +151,27 @@ class _Job:
             w.add(name, "U8", (len(s.header.raw),), s.header.raw)
             shards.append(ShardRecord(s.file, s.header.file_size, name))
         side = [self._side_file(w, i, rel) for i, rel in enumerate(ckpt.side_files)]
-        for unit in units(ckpt, self.found):
-            if isinstance(unit, ExpertGroup):
-                self._group(files, w, unit)
-            else:
-                self._passthrough(files, w, unit)
+        plan = units(ckpt, self.found)
+        groups = [u for u in plan if isinstance(u, ExpertGroup)]
+
+        def fetch(i: int):
+            g = groups[i]
+            return fetch_group(files, ckpt, g, self.found.shared.get(g.key, ()))
+
+        with Lane("read", depth=1) as reader, Lane("write") as writer, ThreadPoolExecutor(
+                1, thread_name_prefix="ders-hash") as hasher:
+            ahead = reader.submit(fetch, 0) if groups else None
+            done = 0
+            for unit in plan:
+                if isinstance(unit, str):
+                    writer.submit(self._passthrough, files, w, unit)
+                    continue
+                fetched = ahead.result()
+                done += 1
+                ahead = reader.submit(fetch, done) if done < len(groups) else None
+                self._group(files, w, writer, hasher, fetched)
+                del fetched
+                release_memory()
         manifest = Manifest(
             source={"kind": ckpt.kind, "name": ckpt.name},
             shards=tuple(shards),
@@ -179,48 +200,48 @@ class _Job:
         return FileRecord(rel, size, sha.hexdigest(), name)
 
     def _passthrough(self, files: ShardFiles, w: ArchiveWriter, name: str) -> None:
+        """Copy one tensor as it is (runs on the writer lane)."""
         shard, e = self.ckpt.where[name]
         sha = w.add(name, e.dtype, e.shape, files.of(name).chunks(e))
         self.tensors[name] = TensorRecord(shard, sha)
         self.reporter.advance(e.nbytes)
 
-    def _group(self, files: ShardFiles, w: ArchiveWriter, g: ExpertGroup) -> None:
-        loaded = load_group(files, self.ckpt, g, self.found.shared.get(g.key, ()),
-                            threshold=self.threshold, matcher=self.matcher,
-                            use_shared=self.use_shared)
+    def _group(self, files: ShardFiles, w: ArchiveWriter, writer: Lane,
+               hasher: ThreadPoolExecutor, fetched: Fetched) -> None:
+        loaded = prepare_group(fetched, threshold=self.threshold, matcher=self.matcher,
+                               use_shared=self.use_shared)
         g = loaded.group
         summary = GroupSummary(g.key, len(g.members), list(g.shape), g.dtype, self.spec.codec,
                                g.nbytes, 0, base=loaded.base_label,
                                shared=[c.member.label for c in loaded.shared if c.joined])
         for c in loaded.shared:
             if not c.joined:  # a shared FFN that stays apart is a plain passthrough tensor
-                self._passthrough(files, w, c.member.tensor)
-        upcycled = loaded.min_cos >= self.threshold
-        if not upcycled:
-            reason = (f"not upcycled: an expert has cosine {loaded.min_cos:.4f} to the base "
+                writer.submit(self._passthrough, files, w, c.member.tensor)
+        # Encode first, decide after: the encoder measures every member's cosine to the base
+        # on the way, and a group that is not upcycled is the rare case.
+        enc = encode_group(loaded.weights, loaded.base, g.dtype, self.spec.codec,
+                           self.spec.params(g), hasher)
+        shas, base_rec = loaded.shas, dict(loaded.base_record)
+        del loaded  # the group's weights: free them before the next group is read
+        min_cos = min(enc.cos_to_base)
+        if min_cos < self.threshold:
+            reason = (f"not upcycled: an expert has cosine {min_cos:.4f} to the base "
                       f"(< {self.threshold})")
             if not self.all_groups:
                 self.warn(f"{g.key}: {reason}; stored as it is (--all-groups compresses it)")
                 self.passthrough.append({"key": g.key, "reason": reason})
                 for name in g.tensors:  # read again: rare, and keeps one copy path
-                    self._passthrough(files, w, name)
+                    writer.submit(self._passthrough, files, w, name)
                 summary.action, summary.reason = "passthrough", reason
                 summary.stored_bytes = g.nbytes
                 self.summaries.append(summary)
                 self.reporter.advance(0, 1)
                 return
             self.warn(f"{g.key}: {reason}; compressed anyway (--all-groups)")
-        enc = encode_group(loaded.weights, loaded.base, g.dtype, self.spec.codec,
-                           self.spec.params(g))
-        shas, base_rec = loaded.shas, dict(loaded.base_record)
-        del loaded  # the group's weights: free them before the next group is read
         gid = len(self.records)
         base_rec["array"] = GROUP_ARRAY_NAME.format(group=gid, array="base")
-        w.add_tensor(base_rec["array"], enc.base, g.dtype)
-        arrays = {}
-        for suffix, t in enc.arrays.items():
-            arrays[suffix] = GROUP_ARRAY_NAME.format(group=gid, array=suffix)
-            w.add_tensor(arrays[suffix], t)
+        arrays = {suffix: GROUP_ARRAY_NAME.format(group=gid, array=suffix)
+                  for suffix in enc.arrays}
         self.records.append(GroupRecord(
             key=g.key, members=g.members, dtype=g.dtype, shape=g.shape, base=base_rec,
             codec={"name": self.spec.codec, "params": enc.params, "arrays": arrays},
@@ -229,9 +250,16 @@ class _Job:
         for i, m in enumerate(g.members):
             self.tensors[m.tensor] = TensorRecord(self.ckpt.where[m.tensor][0], shas[m.tensor],
                                                   gid, i if m.slice is None else None)
-        summary.stored_bytes = enc.base.numel() * enc.base.element_size() + sum(
-            t.numel() * t.element_size() for t in enc.arrays.values())
+        stored = [(base_rec["array"], enc.base, g.dtype)] + [
+            (arrays[k], t, None) for k, t in enc.arrays.items()]
+        writer.submit(self._store, w, stored, g.nbytes)
+        summary.stored_bytes = sum(t.numel() * t.element_size() for _, t, _ in stored)
         summary.max_rel_error = max(enc.rel_error)
         summary.min_cos = min(enc.cos)
         self.summaries.append(summary)
-        self.reporter.advance(g.nbytes, 1)
+
+    def _store(self, w: ArchiveWriter, stored: list, nbytes: int) -> None:
+        """Write a group's base and codec arrays (runs on the writer lane)."""
+        for name, t, dtype in stored:
+            w.add_tensor(name, t, dtype)
+        self.reporter.advance(nbytes, 1)

@@ -9,16 +9,17 @@ compression time is what ``expand`` must reproduce.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from .codecs import QuantCodec, SparseCodec, compute_dtype, get_codec
+from .codecs import QuantCodec, SparseCodec, SparseDelta, compute_dtype, get_codec
 from .constants import DEFAULT_GROUP_SIZE, QUANT_BITS
 from .errors import UsageError
 from .records import ExpertGroup
 from .safetensors_io import tensor_bytes
-from .stats import cosines_to, relative_norms
+from .stats import cos_from_norms, norm
 
 
 @dataclass(frozen=True)
@@ -95,39 +96,99 @@ class EncodedGroup:
     arrays: dict[str, torch.Tensor]  # by codec suffix
     params: dict
     recon_sha256: list[str]
-    rel_error: list[float]
-    cos: list[float]
+    rel_error: list[float]  # ||W - W_hat|| / ||W||
+    cos: list[float]  # cosine of W_hat to W
+    cos_to_base: list[float]  # cosine of W to the base
 
 
 def synthesize(base: torch.Tensor, codec: str, params: dict, rows: dict[str, torch.Tensor],
-               member: int, dtype: str) -> torch.Tensor:
-    """One member, flattened, in the group's dtype: cast(base + decoded delta)."""
+               member: int, dtype: str, base_c: torch.Tensor | None = None) -> torch.Tensor:
+    """One member, flattened, in the group's dtype: cast(base + decoded delta) wherever the
+    delta is defined, the base's own bits elsewhere. ``base_c`` is the base already in the
+    compute dtype, when the caller synthesizes several members."""
     cd = compute_dtype(dtype)
-    delta = get_codec(codec).decode(rows, params, member, base.numel(), dtype)
-    return (base.reshape(-1).to(cd) + delta).to(base.dtype)
+    flat = base.reshape(-1)
+    delta = get_codec(codec).decode(rows, params, member, flat.numel(), dtype)
+    if isinstance(delta, SparseDelta):
+        pos = delta.positions
+        kept = torch.index_select(flat if base_c is None else base_c, 0, pos).to(cd)
+        return flat.clone().scatter_(0, pos, (kept + delta.values).to(base.dtype))
+    if base_c is None:
+        base_c = flat.to(cd)
+    return delta.add_(base_c).to(base.dtype)
 
 
 def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: str,
-                 params: dict) -> EncodedGroup:
-    """Encode ``[N, ...]`` members against ``base`` and measure each reconstruction."""
+                 params: dict, hash_pool: ThreadPoolExecutor | None = None) -> EncodedGroup:
+    """Encode ``[N, ...]`` members against ``base`` and measure each reconstruction.
+
+    One member at a time through reused compute-dtype buffers: memory is the group itself plus
+    a few members. Reconstructions are built from what the codec says decoding will give (the
+    arithmetic of ``synthesize``); their sha256 is taken on ``hash_pool`` if given.
+    """
     n_members = members.shape[0]
     flat = members.reshape(n_members, -1)
     cd = compute_dtype(dtype)
-    base_c = base.reshape(-1).to(cd)
-    deltas = flat.to(cd, copy=True)  # a copy even in cd: the members are read again below
-    deltas -= base_c
     impl = get_codec(codec)
     impl.validate(params, n_members, flat.shape[1])
-    arrays = impl.encode(deltas, dtype, params)
-    del deltas
-    recon_sha, rel_error, cos = [], [], []
+    base_flat = base.reshape(-1)
+    base_c = base_flat.to(cd)
+    base_norm = norm(base_c)
+    w = torch.empty_like(base_c)
+    rows, shas, rel_error, cos, cos_base = [], [], [], [], []
     for i in range(n_members):
-        rows = {k: v[i] for k, v in arrays.items()}
-        w_hat = synthesize(base, codec, params, rows, i, dtype)
-        recon_sha.append(hashlib.sha256(tensor_bytes(w_hat)).hexdigest())
-        w = flat[i].to(cd).reshape(1, -1)
-        w_hat_c = w_hat.to(cd).reshape(1, -1)
-        # Six significant digits: enough to report, and the same on every platform.
-        rel_error.append(float(f"{float(relative_norms(w_hat_c - w, w)[0]):.6g}"))
-        cos.append(float(f"{float(cosines_to(w_hat_c, w[0])[0]):.6g}"))
-    return EncodedGroup(base, arrays, params, recon_sha, rel_error, cos)
+        w.copy_(flat[i])
+        w_norm = norm(w)
+        delta = torch.sub(w, base_c)
+        d_norm = norm(delta)
+        cos_base.append(_six(cos_from_norms(w_norm, base_norm, d_norm)))
+        row, decoded = impl.encode_member(delta, dtype, params, i)
+        rows.append(row)
+        if isinstance(decoded, SparseDelta):
+            recon, r_norm, e_norm = _sparse_recon(base_flat, base_c, base_norm, w, d_norm,
+                                                  decoded)
+        else:
+            recon, r_norm, e_norm = _dense_recon(base_c, w, decoded, members.dtype)
+        view = tensor_bytes(recon)
+        shas.append(hash_pool.submit(_sha, view, recon) if hash_pool else _sha(view, recon))
+        rel_error.append(_six(e_norm / w_norm if w_norm else 0.0))
+        cos.append(_six(cos_from_norms(r_norm, w_norm, e_norm)))
+        del delta, decoded
+    arrays = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    recon_sha = [s.result() if isinstance(s, Future) else s for s in shas]
+    return EncodedGroup(base, arrays, params, recon_sha, rel_error, cos, cos_base)
+
+
+def _dense_recon(base_c: torch.Tensor, w: torch.Tensor, decoded: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
+    """(reconstruction in the group's dtype, its norm, norm of its error)."""
+    recon = decoded.add_(base_c).to(dtype, copy=True)  # a copy: hashed in the background
+    recon_c = decoded.copy_(recon)
+    r_norm = norm(recon_c)
+    return recon, r_norm, norm(recon_c.sub_(w))
+
+
+def _sparse_recon(base_flat: torch.Tensor, base_c: torch.Tensor, base_norm: float,
+                  w: torch.Tensor, d_norm: float, decoded: SparseDelta
+                  ) -> tuple[torch.Tensor, float, float]:
+    """As ``_dense_recon`` for a delta defined at a few positions: only those are touched.
+    Elsewhere the reconstruction is the base, so its error there is the delta itself and the
+    norms follow from sums over the kept positions."""
+    pos = decoded.positions
+    kept_base = torch.index_select(base_c, 0, pos)
+    kept = (kept_base + decoded.values).to(base_flat.dtype)
+    recon = base_flat.clone().scatter_(0, pos, kept)
+    kept_c, kept_w = kept.to(base_c.dtype), torch.index_select(w, 0, pos)
+    r2 = base_norm**2 - norm(kept_base) ** 2 + norm(kept_c) ** 2
+    e2 = d_norm**2 - norm(kept_w - kept_base) ** 2 + norm(kept_c - kept_w) ** 2
+    return recon, max(r2, 0.0) ** 0.5, max(e2, 0.0) ** 0.5
+
+
+def _sha(view: memoryview, keep_alive: torch.Tensor) -> str:
+    del keep_alive  # held by the caller until the hash is done
+    return hashlib.sha256(view).hexdigest()
+
+
+def _six(x: float) -> float:
+    # Six significant digits: enough to report, and the same on every platform.
+    return float(f"{x:.6g}")

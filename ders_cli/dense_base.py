@@ -22,7 +22,7 @@ from .detect import layer_key, layer_of
 from .errors import InputError
 from .records import ExpertGroup
 from .safetensors_io import TORCH_DTYPES
-from .stats import cosines_to
+from .stats import cosine
 
 Candidate = tuple[str, Callable[[], torch.Tensor]]
 
@@ -85,10 +85,10 @@ class DenseMatcher:
         names = self._layer_tensors(group)
         layer = layer_key(group.members[0].tensor) or "the checkpoint"
         best: tuple[float, str, torch.Tensor | None] = (-2.0, "", None)
-        m = mean.reshape(1, -1).float()
+        m = mean.float()
         for desc, make in self._candidates(group, names):
             t = make().contiguous()
-            cos = float(cosines_to(m, t.reshape(-1))[0])
+            cos = cosine(m, t)
             if cos > best[0]:
                 best = (cos, desc, t)
         cos, desc, t = best

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from .archive import ArchiveReader
+from .codecs import compute_dtype
 from .decompose import synthesize
 from .errors import CorruptArchiveError
+from .lanes import Lane, release_memory
 from .outputs import BuildDir, check_new_output
 from .progress import Reporter, Silent
 from .records import GroupRecord, Manifest
@@ -53,18 +55,26 @@ def shard_headers(reader: ArchiveReader) -> list[Header]:
     return out
 
 
-def group_rows(reader: ArchiveReader, g: GroupRecord
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A group's base and codec arrays, checksums verified."""
+@dataclass
+class GroupArrays:
+    """What synthesizing a group's members needs, read once: checksums verified."""
+
+    record: GroupRecord
+    base: torch.Tensor  # flat, in the group's dtype
+    base_c: torch.Tensor  # flat, in the compute dtype
+    arrays: dict[str, torch.Tensor]
+
+    def member(self, i: int) -> torch.Tensor:
+        rows = {k: v[i] for k, v in self.arrays.items()}
+        g = self.record
+        return synthesize(self.base, g.codec["name"], g.codec["params"], rows, i, g.dtype,
+                          self.base_c)
+
+
+def group_arrays(reader: ArchiveReader, g: GroupRecord) -> GroupArrays:
     base = reader.array(g.base["array"]).reshape(-1)
     arrays = {k: reader.array(name) for k, name in g.codec["arrays"].items()}
-    return base, arrays
-
-
-def synthesize_member(g: GroupRecord, base: torch.Tensor, arrays: dict[str, torch.Tensor],
-                      i: int) -> torch.Tensor:
-    rows = {k: v[i] for k, v in arrays.items()}
-    return synthesize(base, g.codec["name"], g.codec["params"], rows, i, g.dtype)
+    return GroupArrays(g, base, base.to(compute_dtype(g.dtype)), arrays)
 
 
 def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: bool = False,
@@ -138,37 +148,59 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
+def _copy_passthrough(reader: ArchiveReader, name: str, sha: str, fd: int, offset: int,
+                      reporter: Reporter) -> None:
+    digest = hashlib.sha256()
+    pos = offset
+    for chunk in reader.chunks(name, check=False):
+        digest.update(chunk)
+        _pwrite_all(fd, memoryview(chunk), pos)
+        pos += len(chunk)
+    if digest.hexdigest() != sha:
+        raise CorruptArchiveError(f"tensor {name!r} does not match its checksum", reader.path)
+    reporter.advance(pos - offset)
+
+
+def _write_member(reader: ArchiveReader, label: str, w: torch.Tensor, sha: str, fd: int,
+                  offset: int, reporter: Reporter) -> None:
+    data = tensor_bytes(w)
+    if hashlib.sha256(data).hexdigest() != sha:
+        raise CorruptArchiveError(
+            f"synthesized {label!r} differs from the archive's record "
+            "(corrupt archive, or a platform that computes differently)", reader.path)
+    _pwrite_all(fd, data, offset)
+    reporter.advance(len(data))
+
+
 def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fds: list[int],
                    reporter: Reporter) -> None:
-    # Stored arrays are visited in archive order so the archive is read front to back.
-    group_of_array = {g.base["array"]: gi for gi, g in enumerate(m.groups)}
-    for entry in reader.data_order():
-        name = entry.name
-        t = m.tensors.get(name)
-        if t is not None and t.group is None:
-            target = headers[t.shard].tensors[name]
-            digest = hashlib.sha256()
-            pos = target.begin
-            for chunk in reader.chunks(name, check=False):
-                digest.update(chunk)
-                _pwrite_all(fds[t.shard], memoryview(chunk), pos)
-                pos += len(chunk)
-            if digest.hexdigest() != t.sha256:
-                raise CorruptArchiveError(f"tensor {name!r} does not match its checksum",
-                                          reader.path)
-            reporter.advance(target.nbytes)
-        elif name in group_of_array:
-            g = m.groups[group_of_array[name]]
-            base, arrays = group_rows(reader, g)
-            for i, member in enumerate(g.members):
-                w = tensor_bytes(synthesize_member(g, base, arrays, i))
-                if hashlib.sha256(w).hexdigest() != g.recon_sha256[i]:
-                    raise CorruptArchiveError(
-                        f"synthesized {member.label!r} differs from the archive's record "
-                        "(corrupt archive, or a platform that computes differently)", reader.path)
-                rec = m.tensors[member.tensor]
-                entry = headers[rec.shard].tensors[member.tensor]
-                offset, _ = member.byte_range(entry.begin, entry.nbytes)
-                _pwrite_all(fds[rec.shard], w, offset)
-                reporter.advance(len(w))
-            reporter.advance(0, 1)
+    """Stored arrays in archive order (the archive is read front to back): passthrough tensors
+    are copied on the writer lane; a group's arrays are read on the reader lane while the main
+    thread synthesizes the previous group's members, which the writer lane checks and writes."""
+    group_of_base = {g.base["array"]: g for g in m.groups}
+    order = [e.name for e in reader.data_order()]
+    groups = [group_of_base[n] for n in order if n in group_of_base]
+    with Lane("read", depth=1) as ahead_lane, Lane("write") as writer:
+        ahead = ahead_lane.submit(group_arrays, reader, groups[0]) if groups else None
+        done = 0
+        for name in order:
+            t = m.tensors.get(name)
+            if t is not None and t.group is None:
+                target = headers[t.shard].tensors[name]
+                writer.submit(_copy_passthrough, reader, name, t.sha256, fds[t.shard],
+                              target.begin, reporter)
+            elif name in group_of_base:
+                parts = ahead.result()
+                done += 1
+                if done < len(groups):
+                    ahead = ahead_lane.submit(group_arrays, reader, groups[done])
+                g = parts.record
+                for i, member in enumerate(g.members):
+                    rec = m.tensors[member.tensor]
+                    entry = headers[rec.shard].tensors[member.tensor]
+                    offset, _ = member.byte_range(entry.begin, entry.nbytes)
+                    writer.submit(_write_member, reader, member.label, parts.member(i),
+                                  g.recon_sha256[i], fds[rec.shard], offset, reporter)
+                writer.submit(reporter.advance, 0, 1)
+                del parts
+                release_memory()

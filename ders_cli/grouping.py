@@ -13,9 +13,10 @@ from .codecs import compute_dtype
 from .dense_base import DenseMatcher
 from .detect import with_members
 from .errors import InputError
+from .finite import all_finite
 from .records import ExpertGroup, Member
 from .safetensors_io import TORCH_DTYPES
-from .stats import cosines_to, mean_base
+from .stats import cosine, mean_base, member_stats
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,14 @@ class LoadedGroup:
     shas: dict[str, str]  # sha256 of every tensor the members live in
     base: torch.Tensor  # in the group's dtype and shape
     base_record: dict  # {"kind": "mean"} or {"kind": "dense", "source": description}
-    cos_to_base: torch.Tensor  # float64, per member
     shared: list[SharedCandidate] = field(default_factory=list)
+    _stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per member: cosine to the base, and relative norm of the delta."""
+        if self._stats is None:
+            self._stats = member_stats(self.weights, self.base)
+        return self._stats
 
     @property
     def base_label(self) -> str:
@@ -44,7 +51,7 @@ class LoadedGroup:
 
     @property
     def min_cos(self) -> float:
-        return float(self.cos_to_base.min())
+        return float(self.stats()[0].min())
 
     def flat(self) -> torch.Tensor:
         """Members as [N, numel] in the compute dtype (a new tensor)."""
@@ -71,27 +78,43 @@ def read_members(files: ShardFiles, ckpt: Checkpoint, members: tuple[Member, ...
         for _, i in parts:
             sha.update(views[i])
         shas[name] = sha.hexdigest()
-    if not bool(torch.isfinite(out).all()):
-        bad = next(m for i, m in enumerate(members) if not bool(torch.isfinite(out[i]).all()))
+    if not all_finite(out):
+        bad = next(m for i, m in enumerate(members) if not all_finite(out[i]))
         raise InputError(f"tensor {bad.label!r} contains NaN or Inf; ders will not decompose it",
                          files.of(bad.tensor).path)
     return out, shas
 
 
-def load_group(files: ShardFiles, ckpt: Checkpoint, g: ExpertGroup,
-               candidates: tuple[Member, ...] = (), *, threshold: float,
-               matcher: DenseMatcher | None = None, use_shared: bool = True) -> LoadedGroup:
-    """Read a group, let same-shape shared FFNs that are as similar as the experts join it,
-    and measure every member against the base (the mean, or the dense checkpoint's FFN)."""
+@dataclass
+class Fetched:
+    """A group's bytes as read from disk, before any arithmetic: what the reader lane does."""
+
+    group: ExpertGroup
+    weights: torch.Tensor
+    shas: dict[str, str]
+    candidates: list[tuple[Member, torch.Tensor, dict[str, str]]]
+
+
+def fetch_group(files: ShardFiles, ckpt: Checkpoint, g: ExpertGroup,
+                candidates: tuple[Member, ...] = ()) -> Fetched:
+    """Read a group's members and its shared-FFN candidates (I/O and hashing only)."""
     weights, shas = read_members(files, ckpt, g.members, g.dtype, g.shape)
+    extra = [(c, *read_members(files, ckpt, (c,), g.dtype, g.shape)) for c in candidates]
+    return Fetched(g, weights, shas, extra)
+
+
+def prepare_group(f: Fetched, *, threshold: float, matcher: DenseMatcher | None = None,
+                  use_shared: bool = True) -> LoadedGroup:
+    """Let same-shape shared FFNs that are as similar as the experts join the group, and
+    choose its base (the mean, or the dense checkpoint's FFN)."""
+    g, weights, shas = f.group, f.weights, dict(f.shas)
     cd = compute_dtype(g.dtype)
     shared = []
-    if candidates:
+    if f.candidates:
         experts_mean = mean_base(weights).reshape(-1).to(cd)
         joined = []
-        for c in candidates:
-            t, sha = read_members(files, ckpt, (c,), g.dtype, g.shape)
-            cos = float(cosines_to(t.reshape(1, -1).to(cd), experts_mean)[0])
+        for c, t, sha in f.candidates:
+            cos = cosine(t.to(cd), experts_mean)
             join = use_shared and cos >= threshold
             shared.append(SharedCandidate(c, cos, join))
             if join:
@@ -104,5 +127,12 @@ def load_group(files: ShardFiles, ckpt: Checkpoint, g: ExpertGroup,
     if matcher is not None:
         source, base, _ = matcher.match(g, mean)
         base_record = {"kind": "dense", "source": source}
-    cos = cosines_to(weights.reshape(len(g.members), -1).to(cd), base.reshape(-1).to(cd))
-    return LoadedGroup(g, weights, shas, base, base_record, cos, shared)
+    return LoadedGroup(g, weights, shas, base, base_record, shared)
+
+
+def load_group(files: ShardFiles, ckpt: Checkpoint, g: ExpertGroup,
+               candidates: tuple[Member, ...] = (), *, threshold: float,
+               matcher: DenseMatcher | None = None, use_shared: bool = True) -> LoadedGroup:
+    """Read a group and decide what it is (``fetch_group`` then ``prepare_group``)."""
+    return prepare_group(fetch_group(files, ckpt, g, candidates), threshold=threshold,
+                         matcher=matcher, use_shared=use_shared)

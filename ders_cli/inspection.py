@@ -18,7 +18,7 @@ from .grouping import load_group
 from .plan import planned_size
 from .progress import Reporter, Silent
 from .records import ExpertGroup
-from .stats import pairwise_cosines, relative_norms
+from .stats import pairwise_cosines
 
 SETTINGS: tuple[CodecSpec, ...] = (
     SparseSpec(0.5), SparseSpec(0.9), SparseSpec(0.99),
@@ -101,7 +101,7 @@ def inspect_model(model: str | Path, *, base: str | Path = "mean",
                 n = len(g.members)
                 pair, sampled = pairwise_cosines(flat)
                 off_diag = pair[~torch.eye(n, dtype=torch.bool)] if n > 1 else pair.reshape(-1)
-                rel = relative_norms(flat - loaded.base.reshape(1, -1).to(flat.dtype), flat)
+                cos_to_base, rel = loaded.stats()
                 upcycled = loaded.min_cos >= threshold
                 final[g.key] = g if upcycled else None
                 report.expert_params += g.numel * n
@@ -110,7 +110,7 @@ def inspect_model(model: str | Path, *, base: str | Path = "mean",
                     key=g.key, tensors=[m.label for m in g.members], num_experts=n,
                     layer=layer_of(g.members[0].tensor), shape=list(g.shape), dtype=g.dtype,
                     nbytes=g.nbytes, base=loaded.base_label,
-                    cos_to_base=loaded.cos_to_base.tolist(), cos_to_base_min=loaded.min_cos,
+                    cos_to_base=cos_to_base.tolist(), cos_to_base_min=loaded.min_cos,
                     cos_between=pair.tolist(), cos_between_min=float(off_diag.min()),
                     cos_between_sampled=sampled, rel_delta_norm=rel.tolist(),
                     upcycled=upcycled,

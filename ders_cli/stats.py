@@ -1,7 +1,10 @@
 """Similarity figures of an expert group: the numbers that say whether it was upcycled.
 
-Dot products are accumulated in float64 so that cosines near 1 (0.9999 and above, typical of
-upcycled experts) keep their last digits.
+Upcycled experts have cosines of 0.9999 and more, so ``1 - cos`` is what carries the
+information. Computing ``a.b / (|a||b|)`` loses it to rounding; instead every cosine here comes
+from three norms, ``cos = (|a|^2 + |b|^2 - |a-b|^2) / (2|a||b|)``, where ``|a-b|`` is the norm of
+a difference computed element-wise, exact where it matters. Norms are float32 reductions
+(cascade-summed by torch, relative error ~1e-7), combined in float64: six reliable decimals.
 """
 
 from __future__ import annotations
@@ -10,7 +13,24 @@ import torch
 
 from .constants import PAIRWISE_EXACT_BUDGET, PAIRWISE_SAMPLE
 
-_CHUNK = 1 << 22
+_CHUNK_ELEMENTS = 1 << 23  # float64 scratch for pairwise products: at most 64 MB
+
+
+def norm(x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x))
+
+
+def cos_from_norms(a: float, b: float, diff: float) -> float:
+    """The cosine of two vectors from their norms and the norm of their difference."""
+    if a == 0.0 or b == 0.0:
+        return 0.0
+    return max(-1.0, min(1.0, (a * a + b * b - diff * diff) / (2.0 * a * b)))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two tensors of one shape, taken flat."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return cos_from_norms(norm(a), norm(b), norm(a - b))
 
 
 def mean_base(members: torch.Tensor) -> torch.Tensor:
@@ -18,52 +38,42 @@ def mean_base(members: torch.Tensor) -> torch.Tensor:
     cd = torch.float64 if members.dtype == torch.float64 else torch.float32
     acc = members[0].to(cd, copy=True)  # summed in place: never alias the caller's members
     for m in members[1:]:
-        acc += m.to(cd)
+        acc += m
     return (acc / members.shape[0]).to(members.dtype)
 
 
-def _gram(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x @ y.T for [N, n] and [M, n], accumulated in float64 over column chunks."""
-    out = torch.zeros(x.shape[0], y.shape[0], dtype=torch.float64)
-    for start in range(0, x.shape[1], _CHUNK):
-        xs = x[:, start : start + _CHUNK].double()
-        ys = xs if y is x else y[:, start : start + _CHUNK].double()
-        out += xs @ ys.T
-    return out
-
-
-def cosines_to(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Cosine of each row of ``[N, n]`` to ``[n]``."""
-    dots = _gram(x, base.reshape(1, -1))[:, 0]
-    norms = _row_norms(x)
-    bn = _row_norms(base.reshape(1, -1))[0]
-    return dots / (norms * bn).clamp_min(1e-300)
-
-
-def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    sq = torch.zeros(x.shape[0], dtype=torch.float64)
-    for start in range(0, x.shape[1], _CHUNK):
-        xs = x[:, start : start + _CHUNK].double()
-        sq += (xs * xs).sum(dim=1)
-    return sq.sqrt()
-
-
-def relative_norms(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """||delta_i|| / ||x_i|| for each row."""
-    return _row_norms(delta) / _row_norms(x).clamp_min(1e-300)
+def member_stats(members: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per member: cosine to ``base`` and relative norm of its delta ``|W_i - B| / |W_i|``."""
+    cd = torch.float64 if members.dtype == torch.float64 else torch.float32
+    flat = members.reshape(members.shape[0], -1)
+    b = base.reshape(-1).to(cd)
+    b_norm = norm(b)
+    w = torch.empty_like(b)
+    cos, rel = [], []
+    for row in flat:
+        w.copy_(row)
+        w_norm = norm(w)
+        d_norm = norm(w.sub_(b))
+        cos.append(cos_from_norms(w_norm, b_norm, d_norm))
+        rel.append(d_norm / w_norm if w_norm else 0.0)
+    return torch.tensor(cos, dtype=torch.float64), torch.tensor(rel, dtype=torch.float64)
 
 
 def pairwise_cosines(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Cosines between all rows, and whether they were computed on a sample of columns.
+    """Cosines between all rows of ``[N, n]``, and whether a sample of columns was used.
 
-    Exact while N*N*n stays within budget; beyond it, on a fixed, evenly strided subset of
-    columns (deterministic, so reports are reproducible).
+    Exact (float64 products, accumulated over column chunks) while N*N*n stays within budget;
+    beyond it, on a fixed, evenly strided subset of columns (deterministic, so reports are
+    reproducible).
     """
     n_rows, n = x.shape
     sampled = n_rows * n_rows * n > PAIRWISE_EXACT_BUDGET
     if sampled:
-        step = max(1, n // PAIRWISE_SAMPLE)
-        x = x[:, ::step]
-    g = _gram(x, x)
-    d = g.diagonal().sqrt().clamp_min(1e-300)
-    return g / d[:, None] / d[None, :], sampled
+        x = x[:, :: max(1, n // PAIRWISE_SAMPLE)]
+    gram = torch.zeros(n_rows, n_rows, dtype=torch.float64)
+    step = max(1, _CHUNK_ELEMENTS // n_rows)
+    for start in range(0, x.shape[1], step):
+        part = x[:, start : start + step].double()
+        gram += part @ part.T
+    d = gram.diagonal().sqrt().clamp_min(1e-300)
+    return (gram / d[:, None] / d[None, :]).clamp(-1.0, 1.0), sampled

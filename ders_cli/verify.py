@@ -12,17 +12,20 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from .archive import ArchiveReader
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
 from .codecs import compute_dtype
 from .decompose import codec_label
 from .errors import CorruptArchiveError
-from .expand import group_rows, shard_headers, synthesize_member
+from .expand import GroupArrays, group_arrays, shard_headers
 from .grouping import read_members
+from .lanes import Lane, release_memory
 from .progress import Reporter, Silent
 from .records import GroupRecord
 from .safetensors_io import tensor_bytes
-from .stats import cosines_to, relative_norms
+from .stats import cos_from_norms, norm
 
 
 @dataclass
@@ -115,34 +118,57 @@ def _verify_open(reader: ArchiveReader, ckpt: Checkpoint | None, report: VerifyR
         if missing:
             report.fail(f"{ckpt.root}: tensor sets differ from the archive's source "
                         f"(first: {missing[0]!r})")
-    group_of_base = {g.base["array"]: gi for gi, g in enumerate(m.groups)}
-    group_arrays = {a for g in m.groups for a in g.codec["arrays"].values()}
+    group_of_base = {g.base["array"]: g for g in m.groups}
+    in_groups = {a for g in m.groups for a in g.codec["arrays"].values()}
+    order = reader.data_order()
+    groups = [group_of_base[e.name] for e in order if e.name in group_of_base]
     reporter.start("verify", reader.size, len(m.groups))
     files = ckpt.open() if ckpt is not None else None
     try:
-        for entry in reader.data_order():
-            name = entry.name
-            report.stored_arrays += 1
-            if name in group_of_base:
-                g = m.groups[group_of_base[name]]
-                report.groups.append(_check_group(reader, g, ckpt, files, report))
-                reporter.advance(0, 1)
-            elif name not in group_arrays:
-                if not reader.check_sha(name):
-                    report.fail(f"checksum mismatch in stored array {name!r}")
-                t = m.tensors.get(name)
-                if t is not None and t.group is None:
-                    if m.stored[name] != t.sha256:
-                        report.fail(f"tensor {name!r}: stored bytes are not the original's")
-                    elif files is not None and name in ckpt.where:
-                        if _sha_of(files, ckpt, name) != t.sha256:
-                            report.fail(f"tensor {name!r} differs from the archive's source")
-                        else:
-                            report.passthrough_exact += 1
-            reporter.advance(entry.nbytes)
+        with Lane("read", depth=1) as ahead_lane, Lane("check") as checker:
+            def fetch(i: int) -> _Fetched:
+                return _fetch(reader, groups[i], ckpt, files)
+
+            ahead = ahead_lane.submit(fetch, 0) if groups else None
+            done = 0
+            for entry in order:
+                report.stored_arrays += 1
+                if entry.name in group_of_base:
+                    fetched = ahead.result()
+                    done += 1
+                    if done < len(groups):
+                        ahead = ahead_lane.submit(fetch, done)
+                    report.groups.append(_check_group(fetched, report))
+                    reporter.advance(entry.nbytes, 1)
+                    del fetched
+                    release_memory()
+                elif entry.name not in in_groups:
+                    checker.submit(_check_array, reader, entry.name, ckpt, files, report,
+                                   reporter)
+                else:
+                    reporter.advance(entry.nbytes)
     finally:
         if files is not None:
             files.close()
+
+
+def _check_array(reader: ArchiveReader, name: str, ckpt: Checkpoint | None,
+                 files: ShardFiles | None, report: VerifyReport, reporter: Reporter) -> None:
+    """A stored array that is no group's: its checksum, and a passthrough tensor's bytes
+    against the original's (runs on the check lane)."""
+    m = reader.manifest
+    if not reader.check_sha(name):
+        report.fail(f"checksum mismatch in stored array {name!r}")
+    t = m.tensors.get(name)
+    if t is not None and t.group is None:
+        if m.stored[name] != t.sha256:
+            report.fail(f"tensor {name!r}: stored bytes are not the original's")
+        elif files is not None and name in ckpt.where:
+            if _sha_of(files, ckpt, name) != t.sha256:
+                report.fail(f"tensor {name!r} differs from the archive's source")
+            else:
+                report.passthrough_exact += 1
+    reporter.advance(reader.entry(name).nbytes)
 
 
 def _sha_of(files: ShardFiles, ckpt: Checkpoint, name: str) -> str:
@@ -152,25 +178,47 @@ def _sha_of(files: ShardFiles, ckpt: Checkpoint, name: str) -> str:
     return sha.hexdigest()
 
 
-def _check_group(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
-                 files: ShardFiles | None, report: VerifyReport) -> GroupCheck:
-    base, arrays = group_rows(reader, g)
-    rel, cos = list(g.rel_error), list(g.cos)
-    original = None
+@dataclass
+class _Fetched:
+    record: GroupRecord
+    parts: GroupArrays | None  # None when its arrays fail their checksums
+    problem: str
+    original: torch.Tensor | None  # the source model's members, with --against
+    changed: list[str]  # tensors of the source model whose sha256 is not the recorded one
+
+
+def _fetch(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
+           files: ShardFiles | None) -> _Fetched:
+    """A group's arrays and, with --against, its original members (runs on the reader lane)."""
+    try:
+        parts, problem = group_arrays(reader, g), ""
+    except CorruptArchiveError as exc:
+        parts, problem = None, str(exc)
+    original, changed = None, []
     if files is not None and all(t in ckpt.where for t in g.tensors):
         original, shas = read_members(files, ckpt, g.members, g.dtype, g.shape)
-        for name, sha in shas.items():
-            if sha != reader.manifest.tensors[name].sha256:
-                report.fail(f"tensor {name!r} differs from the archive's source")
+        changed = [n for n, sha in shas.items() if sha != reader.manifest.tensors[n].sha256]
+    return _Fetched(g, parts, problem, original, changed)
+
+
+def _check_group(f: _Fetched, report: VerifyReport) -> GroupCheck:
+    g = f.record
+    rel, cos = list(g.rel_error), list(g.cos)
+    for name in f.changed:
+        report.fail(f"tensor {name!r} differs from the archive's source")
+    if f.parts is None:
+        report.fail(f.problem)
+        return GroupCheck(g.key, codec_label(g.codec), len(g.members), rel, cos, False)
     cd = compute_dtype(g.dtype)
     for i, member in enumerate(g.members):
-        w_hat = synthesize_member(g, base, arrays, i)
+        w_hat = f.parts.member(i)
         if hashlib.sha256(tensor_bytes(w_hat)).hexdigest() != g.recon_sha256[i]:
             report.fail(f"{member.label!r}: synthesis does not reproduce the recorded bytes")
-        if original is not None:
-            wc = original[i].reshape(1, -1).to(cd)
-            hc = w_hat.reshape(1, -1).to(cd)
-            rel[i] = float(relative_norms(hc - wc, wc)[0])
-            cos[i] = float(cosines_to(hc, wc[0])[0])
+        if f.original is not None:
+            wc = f.original[i].reshape(-1).to(cd)
+            hc = w_hat.to(cd)
+            w_norm, e_norm = norm(wc), norm(hc - wc)
+            rel[i] = e_norm / w_norm if w_norm else 0.0
+            cos[i] = cos_from_norms(norm(hc), w_norm, e_norm)
     return GroupCheck(g.key, codec_label(g.codec), len(g.members), rel, cos,
-                      original is not None)
+                      f.original is not None)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from ders_cli.codecs import QuantCodec, SparseCodec, compute_dtype
 from ders_cli.codecs.mask import mask_positions
 from ders_cli.codecs.quant import dequantize, num_groups, quantize
-from ders_cli.codecs.sparse import decode_values, encode_values, keep_count
+from ders_cli.codecs.sparse import decode_values, densify, keep_count
 from ders_cli.decompose import QuantSpec, SparseSpec, encode_group, synthesize
 from ders_cli.records import ExpertGroup, Member
 from ders_cli.safetensors_io import TORCH_DTYPES, tensor_bytes
@@ -45,9 +45,12 @@ def test_sparse_keeps_exactly_the_masked_values_rescaled(shape, dtype, seed, dro
     delta = torch.randn(shape, dtype=cd).reshape(-1)
     n = delta.numel()
     k = keep_count(n, drop)
-    values = encode_values(delta, seed, k, TORCH_DTYPES[dtype])
+    params = {"keep": k, "index": "all" if k == n else "seed", "seeds": [f"{seed:016x}"]}
+    row, decoded = SparseCodec.encode_member(delta.clone(), dtype, params, 0)
+    values = row["values"]
     assert values.shape == (k,) and values.dtype == TORCH_DTYPES[dtype]
-    out = decode_values(values, seed, n, cd)
+    out = densify(decode_values(values, seed, n, cd), n)
+    assert torch.equal(out, densify(decoded, n))  # the encoder measures what decoding gives
     pos = torch.from_numpy(mask_positions(seed, n, k))
     scale = torch.tensor(n / k if k else 0.0, dtype=cd)
     expected = torch.zeros(n, dtype=cd)
@@ -67,10 +70,11 @@ def test_quant_error_is_bounded_by_half_a_step(shape, bits, group, scale, seed):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * scale).reshape(-1)
     n = x.numel()
-    codes, s, off = quantize(x, bits, group)
+    codes, s, off, decoded = quantize(x, bits, group)
     assert codes.dtype == torch.uint8 and codes.numel() == (n * bits + 7) // 8
     assert s.dtype == torch.bfloat16 and s.numel() == num_groups(n, group)
     y = dequantize(codes, s, off, bits, group, n, torch.float32)
+    assert torch.equal(y, decoded)  # what the encoder measures is what decoding gives
     sc = s.float().repeat_interleave(group)[:n]
     if bits == 1:
         assert torch.equal(y.abs(), sc)
@@ -87,7 +91,7 @@ def test_quant_error_is_bounded_by_half_a_step(shape, bits, group, scale, seed):
 def test_quant_handles_constant_and_zero_groups():
     for x in (torch.zeros(300), torch.full((300,), 0.37)):
         for bits in (1, 2, 3, 4, 8):
-            y = dequantize(*quantize(x, bits, 128), bits, 128, 300, torch.float32)
+            y = dequantize(*quantize(x, bits, 128)[:3], bits, 128, 300, torch.float32)
             assert torch.allclose(y, x, rtol=2**-7, atol=0)
 
 

@@ -1,7 +1,8 @@
 """Delta codecs: pure functions from a group's deltas to stored arrays and back."""
 
-from .base import DeltaCodec, compute_dtype, get_codec
+from .base import Decoded, DeltaCodec, SparseDelta, compute_dtype, get_codec
 from .quant import QuantCodec
 from .sparse import SparseCodec
 
-__all__ = ["DeltaCodec", "QuantCodec", "SparseCodec", "compute_dtype", "get_codec"]
+__all__ = ["Decoded", "DeltaCodec", "QuantCodec", "SparseCodec", "SparseDelta", "compute_dtype",
+           "get_codec"]

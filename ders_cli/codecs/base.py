@@ -8,11 +8,24 @@ stores is fixed by its parameters before any data is read, so the archive can be
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 ArraySpec = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
+
+
+@dataclass(frozen=True)
+class SparseDelta:
+    """A decoded delta defined only at ``positions`` (ascending int64), where it is ``values``
+    (compute dtype). Synthesis changes only those elements: the others keep the base's bits."""
+
+    positions: torch.Tensor
+    values: torch.Tensor
+
+
+Decoded = torch.Tensor | SparseDelta
 
 
 def compute_dtype(dtype: str) -> torch.dtype:
@@ -37,14 +50,25 @@ class DeltaCodec(ABC):
 
     @classmethod
     @abstractmethod
+    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int
+                      ) -> tuple[dict[str, torch.Tensor], Decoded]:
+        """Encode one member's flattened delta (compute dtype). Returns its row of every array
+        and the delta as decoding will see it, which may reuse ``delta``'s memory (the caller
+        gives up ``delta``): the writer measures reconstructions without decoding again."""
+
+    @classmethod
     def encode(cls, deltas: torch.Tensor, dtype: str, params: dict) -> dict[str, torch.Tensor]:
         """Encode the flattened deltas ``[members, numel]`` of a group of ``dtype`` tensors."""
+        cls.validate(params, deltas.shape[0], deltas.shape[1])
+        rows = [cls.encode_member(d.clone(), dtype, params, i)[0] for i, d in enumerate(deltas)]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
     @classmethod
     @abstractmethod
     def decode(cls, rows: dict[str, torch.Tensor], params: dict, member: int, numel: int,
-               dtype: str) -> torch.Tensor:
-        """The delta of one member (flattened, compute dtype) from its rows of the arrays."""
+               dtype: str) -> Decoded:
+        """The delta of one member (flattened, compute dtype) from its rows of the arrays:
+        dense, or a SparseDelta when it is defined at some positions only."""
 
     @classmethod
     @abstractmethod

@@ -93,7 +93,9 @@ def mask_positions(seed: int, n: int, k: int) -> np.ndarray:
     """The kept positions in ascending order (int64), the order values are stored in."""
     if k == n:
         return np.arange(n, dtype=np.int64)
+    picked = permutation_prefix(seed, n, k)
+    if 8 * k < n:  # few positions: sorting them beats two passes over an n-byte bitmap
+        return np.sort(picked).astype(np.int64)
     chosen = np.zeros(n, dtype=bool)
-    chosen[permutation_prefix(seed, n, k)] = True
-    # A bitmap and flatnonzero sort in O(n) sequential passes, cheaper than sorting k indices.
+    chosen[picked] = True
     return np.flatnonzero(chosen)

@@ -34,9 +34,19 @@ def _grouped(x: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
     return x.view(-1, group_size)
 
 
+def _reconstruct(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
+                 numel: int) -> torch.Tensor:
+    """The normative arithmetic (docs/FORMAT.md 5.3) on codes grouped as [groups, G]."""
+    sc = scale.to(q.dtype)[:, None]
+    if bits == 1:
+        return ((q * 2 - 1) * sc).reshape(-1)[:numel]
+    return (offset.to(q.dtype)[:, None] + q * sc).reshape(-1)[:numel]
+
+
 def quantize(x: torch.Tensor, bits: int, group_size: int
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """One flattened delta -> (packed codes uint8, scale bf16, offset bf16 or None for 1 bit)."""
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One flattened delta -> (packed codes uint8, scale bf16, offset bf16 or None for 1 bit,
+    the delta as it will be decoded)."""
     n = x.numel()
     if n == 0:
         raise ValueError("cannot quantize an empty tensor")
@@ -47,7 +57,9 @@ def quantize(x: torch.Tensor, bits: int, group_size: int
         counts[-1] = n - (sums.numel() - 1) * group_size
         scale = (sums / counts).to(x.dtype).to(_PARAM)
         codes = (x >= 0).to(torch.uint8)
-        return torch.from_numpy(pack(codes.numpy(), 1)), scale, None
+        q = _grouped(codes.to(x.dtype), group_size, 0.0)
+        return (torch.from_numpy(pack(codes.numpy(), 1)), scale, None,
+                _reconstruct(q, scale, None, 1, n))
     levels = (1 << bits) - 1
     lo = _grouped(x, group_size, float("inf")).amin(dim=1)
     hi = _grouped(x, group_size, float("-inf")).amax(dim=1)
@@ -59,18 +71,14 @@ def quantize(x: torch.Tensor, bits: int, group_size: int
     q = torch.round((_grouped(x, group_size, 0.0) - off[:, None]) / safe[:, None])
     q = torch.where(sc[:, None] > 0, q, torch.zeros_like(q)).clamp_(0, levels)
     codes = q.reshape(-1)[:n].to(torch.uint8)
-    return torch.from_numpy(pack(codes.numpy(), bits)), scale, offset
+    return (torch.from_numpy(pack(codes.numpy(), bits)), scale, offset,
+            _reconstruct(q, scale, offset, bits, n))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
                group_size: int, numel: int, out_dtype: torch.dtype) -> torch.Tensor:
     q = torch.from_numpy(unpack(codes.numpy(), bits, numel)).to(out_dtype)
-    sc = scale.to(out_dtype)[:, None]
-    if bits == 1:
-        signed = _grouped(q * 2 - 1, group_size, 0.0)
-        return (signed * sc).reshape(-1)[:numel]
-    t = _grouped(q, group_size, 0.0) * sc
-    return (offset.to(out_dtype)[:, None] + t).reshape(-1)[:numel]
+    return _reconstruct(_grouped(q, group_size, 0.0), scale, offset, bits, numel)
 
 
 class QuantCodec(DeltaCodec):
@@ -103,14 +111,13 @@ class QuantCodec(DeltaCodec):
         return out
 
     @classmethod
-    def encode(cls, deltas: torch.Tensor, dtype: str, params: dict) -> dict[str, torch.Tensor]:
-        bits, gs = params["bits"], params["group_size"]
-        rows = [quantize(d, bits, gs) for d in deltas]
-        out = {"codes": torch.stack([r[0] for r in rows]),
-               "scale": torch.stack([r[1] for r in rows])}
-        if bits > 1:
-            out["offset"] = torch.stack([r[2] for r in rows])
-        return out
+    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        codes, scale, offset, decoded = quantize(delta, params["bits"], params["group_size"])
+        row = {"codes": codes, "scale": scale}
+        if offset is not None:
+            row["offset"] = offset
+        return row, decoded
 
     @classmethod
     def decode(cls, rows: dict[str, torch.Tensor], params: dict, member: int, numel: int,
