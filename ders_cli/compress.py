@@ -12,12 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from .archive import ArchiveWriter
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
 from .constants import DEFAULT_UPCYCLED_COS, GROUP_ARRAY_NAME, SHARD_HEADER_NAME, SIDE_FILE_NAME
 from .decompose import CodecSpec, encode_group
 from .dense_base import DenseMatcher
 from .detect import Found, find_groups
+from .device import resolve_device
 from .errors import UsageError
 from .grouping import Fetched, fetch_group, prepare_group
 from .lanes import Lane, release_memory
@@ -75,15 +78,17 @@ def default_archive_path(ckpt: Checkpoint, model: str | Path) -> Path:
 def compress(model: str | Path, spec: CodecSpec, out: str | Path | None = None, *,
              base: str | Path = "mean", threshold: float = DEFAULT_UPCYCLED_COS,
              use_shared: bool = True, all_groups: bool = False, overwrite: bool = False,
-             reporter: Reporter | None = None, reserve: int | None = None) -> CompressResult:
+             device: str = "auto", reporter: Reporter | None = None,
+             reserve: int | None = None) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec`` (SparseSpec or QuantSpec).
 
     ``base``: "mean" or a dense checkpoint. A group is decomposed when every member has cosine
     ``threshold`` or more to its base; other groups are stored as they are, unless
     ``all_groups``. Shared FFNs of the experts' shape join their group when as similar
-    (extended DeRS), unless ``use_shared`` is False.
+    (extended DeRS), unless ``use_shared`` is False. ``device``: where the arithmetic runs.
     """
     spec.check()
+    where = resolve_device(device)
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
     reporter = reporter or Silent()
@@ -94,7 +99,7 @@ def compress(model: str | Path, spec: CodecSpec, out: str | Path | None = None, 
     matcher = None
     if str(base) != "mean":
         matcher = DenseMatcher(open_checkpoint(base), threshold)
-    job = _Job(ckpt, found, spec, matcher, threshold, use_shared, all_groups, reporter)
+    job = _Job(ckpt, found, spec, matcher, threshold, use_shared, all_groups, reporter, where)
     try:
         with ckpt.open() as files, ArchiveWriter(
             dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite
@@ -121,8 +126,9 @@ class _Job:
 
     def __init__(self, ckpt: Checkpoint, found: Found, spec: CodecSpec,
                  matcher: DenseMatcher | None, threshold: float, use_shared: bool,
-                 all_groups: bool, reporter: Reporter) -> None:
+                 all_groups: bool, reporter: Reporter, device: torch.device) -> None:
         self.ckpt = ckpt
+        self.device = device
         self.found = found
         self.spec = spec
         self.matcher = matcher
@@ -220,7 +226,7 @@ class _Job:
         # Encode first, decide after: the encoder measures every member's cosine to the base
         # on the way, and a group that is not upcycled is the rare case.
         enc = encode_group(loaded.weights, loaded.base, g.dtype, self.spec.codec,
-                           self.spec.params(g), hasher)
+                           self.spec.params(g), hasher, self.device)
         shas, base_rec = loaded.shas, dict(loaded.base_record)
         del loaded  # the group's weights: free them before the next group is read
         min_cos = min(enc.cos_to_base)

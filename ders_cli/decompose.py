@@ -119,19 +119,21 @@ def synthesize(base: torch.Tensor, codec: str, params: dict, rows: dict[str, tor
 
 
 def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: str,
-                 params: dict, hash_pool: ThreadPoolExecutor | None = None) -> EncodedGroup:
+                 params: dict, hash_pool: ThreadPoolExecutor | None = None,
+                 device: torch.device | None = None) -> EncodedGroup:
     """Encode ``[N, ...]`` members against ``base`` and measure each reconstruction.
 
-    One member at a time through reused compute-dtype buffers: memory is the group itself plus
-    a few members. Reconstructions are built from what the codec says decoding will give (the
-    arithmetic of ``synthesize``); their sha256 is taken on ``hash_pool`` if given.
+    One member at a time through reused compute-dtype buffers (on ``device``): memory is the
+    group itself plus a few members. Reconstructions are built from what the codec says
+    decoding will give (the arithmetic of ``synthesize``); their sha256 is taken on
+    ``hash_pool`` if given. The arrays come back on the CPU.
     """
     n_members = members.shape[0]
     flat = members.reshape(n_members, -1)
     cd = compute_dtype(dtype)
     impl = get_codec(codec)
     impl.validate(params, n_members, flat.shape[1])
-    base_flat = base.reshape(-1)
+    base_flat = base.reshape(-1).to(device or base.device)
     base_c = base_flat.to(cd)
     base_norm = norm(base_c)
     w = torch.empty_like(base_c)
@@ -149,12 +151,13 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
                                                   decoded)
         else:
             recon, r_norm, e_norm = _dense_recon(base_c, w, decoded, members.dtype)
+        recon = recon.cpu()
         view = tensor_bytes(recon)
         shas.append(hash_pool.submit(_sha, view, recon) if hash_pool else _sha(view, recon))
         rel_error.append(_six(e_norm / w_norm if w_norm else 0.0))
         cos.append(_six(cos_from_norms(r_norm, w_norm, e_norm)))
         del delta, decoded
-    arrays = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    arrays = {k: torch.stack([r[k] for r in rows]).cpu() for k in rows[0]}
     recon_sha = [s.result() if isinstance(s, Future) else s for s in shas]
     return EncodedGroup(base, arrays, params, recon_sha, rel_error, cos, cos_base)
 

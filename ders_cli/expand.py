@@ -18,6 +18,7 @@ import torch
 from .archive import ArchiveReader
 from .codecs import compute_dtype
 from .decompose import synthesize
+from .device import resolve_device
 from .errors import CorruptArchiveError
 from .lanes import Lane, release_memory
 from .outputs import BuildDir, check_new_output
@@ -71,16 +72,21 @@ class GroupArrays:
                           self.base_c)
 
 
-def group_arrays(reader: ArchiveReader, g: GroupRecord) -> GroupArrays:
-    base = reader.array(g.base["array"]).reshape(-1)
-    arrays = {k: reader.array(name) for k, name in g.codec["arrays"].items()}
+def group_arrays(reader: ArchiveReader, g: GroupRecord,
+                 device: torch.device | None = None) -> GroupArrays:
+    """Read a group's base and arrays (checksums verified) and put them on ``device``."""
+    device = device or torch.device("cpu")
+    base = reader.array(g.base["array"]).reshape(-1).to(device)
+    arrays = {k: reader.array(name).to(device) for k, name in g.codec["arrays"].items()}
     return GroupArrays(g, base, base.to(compute_dtype(g.dtype)), arrays)
 
 
 def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: bool = False,
-           reporter: Reporter | None = None) -> ExpandResult:
-    """Write the dense checkpoint an archive holds into folder ``out``."""
+           device: str = "auto", reporter: Reporter | None = None) -> ExpandResult:
+    """Write the dense checkpoint an archive holds into folder ``out``; the experts are
+    synthesized on ``device``."""
     reporter = reporter or Silent()
+    where = resolve_device(device)
     archive = Path(archive)
     with ArchiveReader(archive) as reader:
         dest = Path(out) if out is not None else default_expand_path(archive)
@@ -101,7 +107,7 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
                 for s, h in zip(m.shards, headers, strict=True):
                     fds.append(_create_shard(build.path / s.file, h))
                     result.files.append(s.file)
-                _write_tensors(reader, m, headers, fds, reporter)
+                _write_tensors(reader, m, headers, fds, reporter, where)
                 for fd in fds:
                     os.fsync(fd)
             finally:
@@ -173,7 +179,7 @@ def _write_member(reader: ArchiveReader, label: str, w: torch.Tensor, sha: str, 
 
 
 def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fds: list[int],
-                   reporter: Reporter) -> None:
+                   reporter: Reporter, device: torch.device) -> None:
     """Stored arrays in archive order (the archive is read front to back): passthrough tensors
     are copied on the writer lane; a group's arrays are read on the reader lane while the main
     thread synthesizes the previous group's members, which the writer lane checks and writes."""
@@ -181,7 +187,7 @@ def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fd
     order = [e.name for e in reader.data_order()]
     groups = [group_of_base[n] for n in order if n in group_of_base]
     with Lane("read", depth=1) as ahead_lane, Lane("write") as writer:
-        ahead = ahead_lane.submit(group_arrays, reader, groups[0]) if groups else None
+        ahead = ahead_lane.submit(group_arrays, reader, groups[0], device) if groups else None
         done = 0
         for name in order:
             t = m.tensors.get(name)
@@ -193,7 +199,7 @@ def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fd
                 parts = ahead.result()
                 done += 1
                 if done < len(groups):
-                    ahead = ahead_lane.submit(group_arrays, reader, groups[done])
+                    ahead = ahead_lane.submit(group_arrays, reader, groups[done], device)
                 g = parts.record
                 for i, member in enumerate(g.members):
                     rec = m.tensors[member.tensor]

@@ -18,6 +18,7 @@ from .archive import ArchiveReader
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
 from .codecs import compute_dtype
 from .decompose import codec_label
+from .device import resolve_device
 from .errors import CorruptArchiveError
 from .expand import GroupArrays, group_arrays, shard_headers
 from .grouping import read_members
@@ -77,13 +78,15 @@ class VerifyReport:
 
 
 def verify(archive: str | Path, against: str | Path | None = None, *,
-           max_error: float | None = None, reporter: Reporter | None = None) -> VerifyReport:
+           max_error: float | None = None, device: str = "auto",
+           reporter: Reporter | None = None) -> VerifyReport:
     """Check an archive; ``report.ok`` is False with ``problems`` listed when anything is off.
 
     Raises InputError (not a report) when the archive is missing, is no ders archive at all, or
     comes from a newer format version; and when ``against`` cannot be opened.
     """
     reporter = reporter or Silent()
+    where = resolve_device(device)
     report = VerifyReport(Path(archive), None if against is None else str(against))
     ckpt = open_checkpoint(against) if against is not None else None
     try:
@@ -93,7 +96,7 @@ def verify(archive: str | Path, against: str | Path | None = None, *,
         return report
     with reader:
         try:
-            _verify_open(reader, ckpt, report, reporter)
+            _verify_open(reader, ckpt, report, reporter, where)
         except CorruptArchiveError as exc:
             report.fail(str(exc))
     if max_error is not None:
@@ -105,7 +108,7 @@ def verify(archive: str | Path, against: str | Path | None = None, *,
 
 
 def _verify_open(reader: ArchiveReader, ckpt: Checkpoint | None, report: VerifyReport,
-                 reporter: Reporter) -> None:
+                 reporter: Reporter, device: torch.device) -> None:
     m = reader.manifest
     headers = shard_headers(reader)
     report.tensors = len(m.tensors)
@@ -127,7 +130,7 @@ def _verify_open(reader: ArchiveReader, ckpt: Checkpoint | None, report: VerifyR
     try:
         with Lane("read", depth=1) as ahead_lane, Lane("check") as checker:
             def fetch(i: int) -> _Fetched:
-                return _fetch(reader, groups[i], ckpt, files)
+                return _fetch(reader, groups[i], ckpt, files, device)
 
             ahead = ahead_lane.submit(fetch, 0) if groups else None
             done = 0
@@ -188,10 +191,10 @@ class _Fetched:
 
 
 def _fetch(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
-           files: ShardFiles | None) -> _Fetched:
+           files: ShardFiles | None, device: torch.device) -> _Fetched:
     """A group's arrays and, with --against, its original members (runs on the reader lane)."""
     try:
-        parts, problem = group_arrays(reader, g), ""
+        parts, problem = group_arrays(reader, g, device), ""
     except CorruptArchiveError as exc:
         parts, problem = None, str(exc)
     original, changed = None, []
@@ -211,7 +214,7 @@ def _check_group(f: _Fetched, report: VerifyReport) -> GroupCheck:
         return GroupCheck(g.key, codec_label(g.codec), len(g.members), rel, cos, False)
     cd = compute_dtype(g.dtype)
     for i, member in enumerate(g.members):
-        w_hat = f.parts.member(i)
+        w_hat = f.parts.member(i).cpu()
         if hashlib.sha256(tensor_bytes(w_hat)).hexdigest() != g.recon_sha256[i]:
             report.fail(f"{member.label!r}: synthesis does not reproduce the recorded bytes")
         if f.original is not None:

@@ -17,6 +17,7 @@ from .options import (
     DEFAULT_THRESHOLD,
     AllGroupsOpt,
     BaseOpt,
+    DeviceOpt,
     ForceOpt,
     JsonOpt,
     ModelArg,
@@ -37,13 +38,14 @@ def compress_cmd(
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     no_shared: NoSharedOpt = False,
     all_groups: AllGroupsOpt = False,
+    device: DeviceOpt = "auto",
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """DeRS sparsification: one base per expert group plus sparse deltas, into a .ders file."""
-    _run(model, SparseSpec(drop, seed), out_path, base, threshold, no_shared, all_groups, force,
-         json, quiet)
+    _run(model, SparseSpec(drop, seed), out_path, base, threshold, no_shared, all_groups, device,
+         force, json, quiet)
 
 
 def quantize_cmd(
@@ -56,22 +58,24 @@ def quantize_cmd(
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     no_shared: NoSharedOpt = False,
     all_groups: AllGroupsOpt = False,
+    device: DeviceOpt = "auto",
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """DeRS quantization: one base per expert group plus k-bit deltas, into a .ders file."""
     _run(model, QuantSpec(bits, group_size), out_path, base, threshold, no_shared, all_groups,
-         force, json, quiet)
+         device, force, json, quiet)
 
 
 def _run(model: str, spec: CodecSpec, out_path: Path | None, base: str, threshold: float,
-         no_shared: bool, all_groups: bool, force: bool, json: bool, quiet: bool) -> None:
+         no_shared: bool, all_groups: bool, device: str, force: bool, json: bool,
+         quiet: bool) -> None:
     start = time.perf_counter()
     with reported():
         result = compress(model, spec, out_path, base=base, threshold=threshold,
                           use_shared=not no_shared, all_groups=all_groups, overwrite=force,
-                          reporter=RichReporter(quiet or json))
+                          device=device, reporter=RichReporter(quiet or json))
     if json:
         doc = result.to_dict()
         doc["seconds"] = time.perf_counter() - start

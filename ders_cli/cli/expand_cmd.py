@@ -6,15 +6,16 @@ import time
 
 from ..expand import expand
 from .console import RichReporter, human_bytes, out, print_json, reported
-from .options import ArchiveArg, ForceOpt, JsonOpt, OutOpt, QuietOpt
+from .options import ArchiveArg, DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt
 
 
-def expand_cmd(archive: ArchiveArg, out_path: OutOpt = None, force: ForceOpt = False,
-               json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+def expand_cmd(archive: ArchiveArg, out_path: OutOpt = None, device: DeviceOpt = "auto",
+               force: ForceOpt = False, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Write the dense checkpoint back: same shards, names, dtypes, index and side files."""
     start = time.perf_counter()
     with reported():
-        result = expand(archive, out_path, overwrite=force, reporter=RichReporter(quiet or json))
+        result = expand(archive, out_path, overwrite=force, device=device,
+                        reporter=RichReporter(quiet or json))
     if json:
         print_json(result.to_dict())
         return

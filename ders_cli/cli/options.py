@@ -28,6 +28,9 @@ NoSharedOpt = Annotated[bool, typer.Option(
 AllGroupsOpt = Annotated[bool, typer.Option(
     "--all-groups", help="Compress every expert group, also those that do not look upcycled "
                          "(experts trained from scratch lose much more).")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="Where the codec arithmetic runs: auto (a CUDA GPU when there is one), "
+                     "cpu, cuda, cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 

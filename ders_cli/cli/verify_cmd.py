@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ..verify import VerifyReport, verify
 from .console import RichReporter, err, natural_key, out, print_json, reported
-from .options import ArchiveArg, JsonOpt, QuietOpt
+from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt
 
 
 def verify_cmd(
@@ -20,12 +20,13 @@ def verify_cmd(
     max_error: Annotated[float | None, typer.Option(
         "--max-error", help="Fail when an expert's relative error exceeds this.",
         show_default=False)] = None,
+    device: DeviceOpt = "auto",
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Check integrity (checksums, structure, synthesis) and, with --against, measure error."""
     with reported():
-        report = verify(archive, against, max_error=max_error,
+        report = verify(archive, against, max_error=max_error, device=device,
                         reporter=RichReporter(quiet or json))
     if json:
         print_json(report.to_dict())

@@ -13,6 +13,7 @@ seed are nested across drop rates.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..constants import (
     FMIX32_MUL1,
@@ -99,3 +100,52 @@ def mask_positions(seed: int, n: int, k: int) -> np.ndarray:
     chosen = np.zeros(n, dtype=bool)
     chosen[picked] = True
     return np.flatnonzero(chosen)
+
+
+# The same generator on torch tensors, for masks drawn where the weights are (a GPU). uint32
+# lanes live in int64: products of two 32-bit values wrap modulo 2^64 and the low 32 bits kept
+# by the mask are exact, as in the numpy version; shifts only ever see non-negative values.
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32_t(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * FMIX32_MUL1) & _M32
+    x = x ^ (x >> 13)
+    x = (x * FMIX32_MUL2) & _M32
+    return x ^ (x >> 16)
+
+
+def _feistel_t(v: torch.Tensor, keys: list[int], h: int) -> torch.Tensor:
+    mask = (1 << h) - 1
+    left, right = v >> h, v & mask
+    for key in keys:
+        left, right = right, left ^ (_fmix32_t(right ^ key) & mask)
+    return (left << h) | right
+
+
+def mask_positions_torch(seed: int, n: int, k: int, device: torch.device | str) -> torch.Tensor:
+    """``mask_positions`` computed on ``device`` (int64, ascending); the same positions."""
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot choose {k} of {n} positions")
+    if n > 1 << 62:
+        raise ValueError("torch masks cover at most 2^62 elements")
+    if k == n:
+        return torch.arange(n, dtype=torch.int64, device=device)
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    keys, h = round_keys(seed), half_bits(n)
+    v = _feistel_t(torch.arange(k, dtype=torch.int64, device=device), keys, h)
+    todo = torch.nonzero(v >= n).reshape(-1)
+    while todo.numel():
+        w = _feistel_t(v[todo], keys, h)
+        v[todo] = w
+        todo = todo[w >= n]
+    return torch.sort(v).values
+
+
+def positions_on(seed: int, n: int, k: int, device: torch.device) -> torch.Tensor:
+    """The mask where the delta is: numpy on the CPU (faster there), torch elsewhere."""
+    if device.type == "cpu":
+        return torch.from_numpy(mask_positions(seed, n, k))
+    return mask_positions_torch(seed, n, k, device)

@@ -52,13 +52,13 @@ def quantize(x: torch.Tensor, bits: int, group_size: int
         raise ValueError("cannot quantize an empty tensor")
     if bits == 1:
         # Summed in f64 so the stored scale does not depend on the platform's summation order.
-        sums = _grouped(x.abs().double(), group_size, 0.0).sum(dim=1)
+        sums = _grouped(x.abs().double(), group_size, 0.0).sum(dim=1)  # f64: exact enough
         counts = torch.full_like(sums, group_size)
         counts[-1] = n - (sums.numel() - 1) * group_size
         scale = (sums / counts).to(x.dtype).to(_PARAM)
         codes = (x >= 0).to(torch.uint8)
         q = _grouped(codes.to(x.dtype), group_size, 0.0)
-        return (torch.from_numpy(pack(codes.numpy(), 1)), scale, None,
+        return (torch.from_numpy(pack(codes.cpu().numpy(), 1)), scale, None,
                 _reconstruct(q, scale, None, 1, n))
     levels = (1 << bits) - 1
     lo = _grouped(x, group_size, float("inf")).amin(dim=1)
@@ -71,13 +71,13 @@ def quantize(x: torch.Tensor, bits: int, group_size: int
     q = torch.round((_grouped(x, group_size, 0.0) - off[:, None]) / safe[:, None])
     q = torch.where(sc[:, None] > 0, q, torch.zeros_like(q)).clamp_(0, levels)
     codes = q.reshape(-1)[:n].to(torch.uint8)
-    return (torch.from_numpy(pack(codes.numpy(), bits)), scale, offset,
+    return (torch.from_numpy(pack(codes.cpu().numpy(), bits)), scale, offset,
             _reconstruct(q, scale, offset, bits, n))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
                group_size: int, numel: int, out_dtype: torch.dtype) -> torch.Tensor:
-    q = torch.from_numpy(unpack(codes.numpy(), bits, numel)).to(out_dtype)
+    q = torch.from_numpy(unpack(codes.cpu().numpy(), bits, numel)).to(scale.device, out_dtype)
     return _reconstruct(_grouped(q, group_size, 0.0), scale, offset, bits, numel)
 
 

@@ -17,7 +17,7 @@ import torch
 from ..constants import CODEC_SPARSE, INDEX_ALL, INDEX_SEED
 from ..safetensors_io import TORCH_DTYPES
 from .base import ArraySpec, Decoded, DeltaCodec, SparseDelta, compute_dtype
-from .mask import mask_positions
+from .mask import positions_on
 
 
 def keep_count(numel: int, drop: float) -> int:
@@ -35,7 +35,7 @@ def decode_values(values: torch.Tensor, seed: int, numel: int,
     keep = values.numel()
     if keep == numel:
         return values.to(out_dtype, copy=True)  # callers add to it in place
-    positions = torch.from_numpy(mask_positions(seed, numel, keep))
+    positions = positions_on(seed, numel, keep, values.device)
     return SparseDelta(positions, values.to(out_dtype))
 
 
@@ -43,7 +43,7 @@ def densify(decoded: Decoded, numel: int) -> torch.Tensor:
     """A decoded delta as a dense tensor, zeros where it is not defined."""
     if isinstance(decoded, torch.Tensor):
         return decoded
-    out = torch.zeros(numel, dtype=decoded.values.dtype)
+    out = torch.zeros(numel, dtype=decoded.values.dtype, device=decoded.values.device)
     return out.scatter_(0, decoded.positions, decoded.values)
 
 
@@ -95,7 +95,7 @@ class SparseCodec(DeltaCodec):
             # A copy even when the dtypes agree: the returned delta is added to in place.
             values = delta.to(TORCH_DTYPES[dtype], copy=True)
             return {"values": values}, delta.copy_(values)
-        pos = torch.from_numpy(mask_positions(parse_seed(params["seeds"][member]), numel, keep))
+        pos = positions_on(parse_seed(params["seeds"][member]), numel, keep, delta.device)
         scale = torch.tensor(rescale_factor(numel, keep), dtype=delta.dtype)
         # index_select and scatter_: several times faster than advanced indexing in torch.
         values = (torch.index_select(delta, 0, pos) * scale).to(TORCH_DTYPES[dtype])
