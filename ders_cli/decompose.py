@@ -157,7 +157,8 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
         rel_error.append(_six(e_norm / w_norm if w_norm else 0.0))
         cos.append(_six(cos_from_norms(r_norm, w_norm, e_norm)))
         del delta, decoded
-    arrays = {k: torch.stack([r[k] for r in rows]).cpu() for k in rows[0]}
+    arrays, params = impl.combine(rows, params)
+    arrays = {k: v.cpu() for k, v in arrays.items()}
     recon_sha = [s.result() if isinstance(s, Future) else s for s in shas]
     return EncodedGroup(base, arrays, params, recon_sha, rel_error, cos, cos_base)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .archive import ArchiveReader
-from .codecs import compute_dtype
+from .codecs import compute_dtype, get_codec
 from .decompose import synthesize
 from .device import resolve_device
 from .errors import CorruptArchiveError
@@ -66,8 +66,8 @@ class GroupArrays:
     arrays: dict[str, torch.Tensor]
 
     def member(self, i: int) -> torch.Tensor:
-        rows = {k: v[i] for k, v in self.arrays.items()}
         g = self.record
+        rows = get_codec(g.codec["name"]).member_rows(self.arrays, g.codec["params"], i)
         return synthesize(self.base, g.codec["name"], g.codec["params"], rows, i, g.dtype,
                           self.base_c)
 

@@ -57,11 +57,27 @@ class DeltaCodec(ABC):
         gives up ``delta``): the writer measures reconstructions without decoding again."""
 
     @classmethod
-    def encode(cls, deltas: torch.Tensor, dtype: str, params: dict) -> dict[str, torch.Tensor]:
-        """Encode the flattened deltas ``[members, numel]`` of a group of ``dtype`` tensors."""
+    def combine(cls, rows: list[dict[str, torch.Tensor]], params: dict
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+        """The stored arrays from every member's rows, and the final parameters. Rows of equal
+        length stack into ``[members, ...]``; a codec whose rows vary in length (an entropy
+        coder's output) concatenates them and records where each starts in the parameters."""
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}, params
+
+    @classmethod
+    def member_rows(cls, arrays: dict[str, torch.Tensor], params: dict, member: int
+                    ) -> dict[str, torch.Tensor]:
+        """One member's rows of the stored arrays (the inverse of ``combine``)."""
+        return {k: v[member] for k, v in arrays.items()}
+
+    @classmethod
+    def encode(cls, deltas: torch.Tensor, dtype: str, params: dict
+               ) -> tuple[dict[str, torch.Tensor], dict]:
+        """Encode the flattened deltas ``[members, numel]`` of a group of ``dtype`` tensors:
+        the stored arrays and the final parameters."""
         cls.validate(params, deltas.shape[0], deltas.shape[1])
         rows = [cls.encode_member(d.clone(), dtype, params, i)[0] for i, d in enumerate(deltas)]
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return cls.combine(rows, params)
 
     @classmethod
     @abstractmethod
