@@ -16,14 +16,15 @@ import torch
 
 from .archive import ArchiveWriter
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
+from .choose import LADDER, TargetSpec, plan_target
 from .constants import DEFAULT_UPCYCLED_COS, GROUP_ARRAY_NAME, SHARD_HEADER_NAME, SIDE_FILE_NAME
-from .decompose import CodecSpec, encode_group
+from .decompose import CodecSpec, EncodedGroup, encode_group
 from .dense_base import DenseMatcher
 from .detect import Found, find_groups
 from .device import resolve_device
 from .errors import UsageError
-from .grouping import Fetched, fetch_group, prepare_group
-from .lanes import Lane, release_memory
+from .grouping import Fetched, LoadedGroup, fetch_group, prepare_group
+from .lanes import Lane, compute_threads, release_memory
 from .outputs import check_new_output
 from .plan import estimate_header, units
 from .progress import Reporter, Silent
@@ -37,6 +38,7 @@ class GroupSummary:
     shape: list[int]
     dtype: str
     action: str  # the codec's name, or "passthrough"
+    setting: str  # what was stored: "drop 0.9", "2-bit", "as it is"
     original_bytes: int
     stored_bytes: int
     max_rel_error: float = 0.0
@@ -75,12 +77,13 @@ def default_archive_path(ckpt: Checkpoint, model: str | Path) -> Path:
     return Path.cwd() / f"{ckpt.name}.ders"  # a Hub model: beside the user, not in the cache
 
 
-def compress(model: str | Path, spec: CodecSpec, out: str | Path | None = None, *,
+def compress(model: str | Path, spec: CodecSpec | TargetSpec, out: str | Path | None = None, *,
              base: str | Path = "mean", threshold: float = DEFAULT_UPCYCLED_COS,
              use_shared: bool = True, all_groups: bool = False, overwrite: bool = False,
              device: str = "auto", reporter: Reporter | None = None,
              reserve: int | None = None) -> CompressResult:
-    """Write a .ders archive of ``model`` with ``spec`` (SparseSpec or QuantSpec).
+    """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec)
+    or one chosen per group (TargetSpec: --max-error, --target-size).
 
     ``base``: "mean" or a dense checkpoint. A group is decomposed when every member has cosine
     ``threshold`` or more to its base; other groups are stored as they are, unless
@@ -99,11 +102,15 @@ def compress(model: str | Path, spec: CodecSpec, out: str | Path | None = None, 
     matcher = None
     if str(base) != "mean":
         matcher = DenseMatcher(open_checkpoint(base), threshold)
+    choices = None
+    if isinstance(spec, TargetSpec) and spec.target_size is not None:
+        choices = plan_target(ckpt, found, spec.target_size)
     job = _Job(ckpt, found, spec, matcher, threshold, use_shared, all_groups, reporter, where)
+    job.choices = choices
     try:
         with ckpt.open() as files, ArchiveWriter(
             dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite
-        ) as writer:
+        ) as writer, compute_threads():
             size = job.run(files, writer)
     finally:
         if matcher is not None:
@@ -129,6 +136,7 @@ class _Job:
                  all_groups: bool, reporter: Reporter, device: torch.device) -> None:
         self.ckpt = ckpt
         self.device = device
+        self.choices: dict[str, CodecSpec] | None = None
         self.found = found
         self.spec = spec
         self.matcher = matcher
@@ -217,7 +225,7 @@ class _Job:
         loaded = prepare_group(fetched, threshold=self.threshold, matcher=self.matcher,
                                use_shared=self.use_shared)
         g = loaded.group
-        summary = GroupSummary(g.key, len(g.members), list(g.shape), g.dtype, self.spec.codec,
+        summary = GroupSummary(g.key, len(g.members), list(g.shape), g.dtype, "", "",
                                g.nbytes, 0, base=loaded.base_label,
                                shared=[c.member.label for c in loaded.shared if c.joined])
         for c in loaded.shared:
@@ -225,8 +233,8 @@ class _Job:
                 writer.submit(self._passthrough, files, w, c.member.tensor)
         # Encode first, decide after: the encoder measures every member's cosine to the base
         # on the way, and a group that is not upcycled is the rare case.
-        enc = encode_group(loaded.weights, loaded.base, g.dtype, self.spec.codec,
-                           self.spec.params(g), hasher, self.device)
+        spec, enc = self._encode(loaded, hasher)
+        summary.action, summary.setting = spec.codec, spec.label
         shas, base_rec = loaded.shas, dict(loaded.base_record)
         del loaded  # the group's weights: free them before the next group is read
         min_cos = min(enc.cos_to_base)
@@ -238,7 +246,8 @@ class _Job:
                 self.passthrough.append({"key": g.key, "reason": reason})
                 for name in g.tensors:  # read again: rare, and keeps one copy path
                     writer.submit(self._passthrough, files, w, name)
-                summary.action, summary.reason = "passthrough", reason
+                summary.action, summary.setting = "passthrough", "as it is"
+                summary.reason = reason
                 summary.stored_bytes = g.nbytes
                 self.summaries.append(summary)
                 self.reporter.advance(0, 1)
@@ -250,7 +259,7 @@ class _Job:
                   for suffix in enc.arrays}
         self.records.append(GroupRecord(
             key=g.key, members=g.members, dtype=g.dtype, shape=g.shape, base=base_rec,
-            codec={"name": self.spec.codec, "params": enc.params, "arrays": arrays},
+            codec={"name": spec.codec, "params": enc.params, "arrays": arrays},
             recon_sha256=tuple(enc.recon_sha256), rel_error=tuple(enc.rel_error),
             cos=tuple(enc.cos)))
         for i, m in enumerate(g.members):
@@ -263,6 +272,28 @@ class _Job:
         summary.max_rel_error = max(enc.rel_error)
         summary.min_cos = min(enc.cos)
         self.summaries.append(summary)
+
+    def _encode(self, loaded: LoadedGroup, hasher: ThreadPoolExecutor
+                ) -> tuple[CodecSpec, EncodedGroup]:
+        """The setting for this group and its encoding: the one asked for, the one planned
+        for --target-size, or the cheapest rung of the ladder within --max-error."""
+        g = loaded.group
+        if not isinstance(self.spec, TargetSpec):
+            candidates: tuple[CodecSpec, ...] = (self.spec,)
+        elif self.choices is not None:
+            candidates = (self.choices[g.key],)
+        else:
+            candidates = LADDER
+        for spec in candidates:
+            enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,
+                               spec.params(g), hasher, self.device)
+            limit = getattr(self.spec, "max_error", None)
+            not_upcycled = min(enc.cos_to_base) < self.threshold and not self.all_groups
+            if limit is None or not_upcycled or max(enc.rel_error) <= limit:
+                return spec, enc
+        self.warn(f"{g.key}: no setting meets --max-error {limit:g} (best: "
+                  f"{max(enc.rel_error):.2e} with {spec.label})")
+        return spec, enc
 
     def _store(self, w: ArchiveWriter, stored: list, nbytes: int) -> None:
         """Write a group's base and codec arrays (runs on the writer lane)."""

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .codecs import QuantCodec, SparseCodec, SparseDelta, compute_dtype, get_codec
+from .codecs.quant import METHODS
+from .codecs.sparse import MASKS, RESCALES
 from .constants import DEFAULT_GROUP_SIZE, QUANT_BITS
 from .errors import UsageError
 from .records import ExpertGroup
@@ -24,10 +26,20 @@ from .stats import cos_from_norms, norm
 
 @dataclass(frozen=True)
 class SparseSpec:
-    """DeRS sparsification: drop a fraction ``drop`` of each delta, rescale the rest."""
+    """DeRS sparsification: drop a fraction ``drop`` of each delta.
+
+    ``mask``: "random" (the paper's, regenerated from a seed) or "magnitude" (the largest
+    |delta|, positions stored). ``rescale`` of the kept values: "inverse" (n/k, the paper's),
+    "none" or "norm"; default "inverse" for random masks, "none" for magnitude ones.
+    ``value_bits``: quantize the kept values too (drop then quantize), per ``value_group``.
+    """
 
     drop: float
     seed: int = 0
+    mask: str = "random"
+    rescale: str | None = None
+    value_bits: int | None = None
+    value_group: int = DEFAULT_GROUP_SIZE
     codec: str = field(default=SparseCodec.name, init=False)
 
     def check(self) -> None:
@@ -35,21 +47,31 @@ class SparseSpec:
             raise UsageError(f"--drop must be in [0, 1), got {self.drop}")
         if not 0 <= self.seed < 2**63:
             raise UsageError(f"--seed must be in [0, 2^63), got {self.seed}")
+        if self.mask not in MASKS:
+            raise UsageError(f"--mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
+        if self.rescale is not None and self.rescale not in RESCALES:
+            raise UsageError(f"--rescale must be one of {', '.join(RESCALES)}, "
+                             f"got {self.rescale!r}")
+        if self.value_bits is not None:
+            QuantSpec(self.value_bits, self.value_group).check()
 
     def params(self, group: ExpertGroup) -> dict:
-        return SparseCodec.params(self.drop, group.numel, member_seeds(self.seed, group))
+        return SparseCodec.params(self.drop, group.numel, member_seeds(self.seed, group),
+                                  self.mask, self.rescale, self.value_bits, self.value_group)
 
     @property
     def label(self) -> str:
-        return f"drop {self.drop:g}"
+        return sparse_label(self.drop, self.mask, self.rescale, self.value_bits)
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """DeRS quantization of each delta to ``bits`` bits, per group of ``group_size`` elements."""
+    """DeRS quantization of each delta to ``bits`` bits, per group of ``group_size`` elements;
+    ``method`` "mse" (default: clip search and least-squares refit) or "rtn" (min/max)."""
 
     bits: int
     group_size: int = DEFAULT_GROUP_SIZE
+    method: str = "mse"
     codec: str = field(default=QuantCodec.name, init=False)
 
     def check(self) -> None:
@@ -58,25 +80,43 @@ class QuantSpec:
                              f"got {self.bits}")
         if self.group_size < 1:
             raise UsageError(f"--group-size must be at least 1, got {self.group_size}")
+        if self.method not in METHODS:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}, "
+                             f"got {self.method!r}")
 
     def params(self, group: ExpertGroup) -> dict:
-        return QuantCodec.params(self.bits, self.group_size)
+        return QuantCodec.params(self.bits, self.group_size, self.method)
 
     @property
     def label(self) -> str:
-        return f"{self.bits}-bit"
+        return f"{self.bits}-bit" + ("" if self.method == "mse" else f" {self.method}")
 
 
 CodecSpec = SparseSpec | QuantSpec
+
+
+def sparse_label(drop: float, mask: str, rescale: str | None, value_bits: int | None) -> str:
+    """"drop 0.9", "drop 0.9 magnitude", "drop 0.9 +4-bit", ... (defaults left out)."""
+    label = f"drop {drop:g}"
+    if mask != "random":
+        label += f" {mask}"
+    if rescale is not None and rescale != ("inverse" if mask == "random" else "none"):
+        label += f" rescale {rescale}"
+    if value_bits is not None:
+        label += f" +{value_bits}-bit"
+    return label
 
 
 def codec_label(codec: dict) -> str:
     """A short human name for a manifest codec record: "drop 0.9", "2-bit"."""
     params = codec.get("params", {})
     if codec.get("name") == SparseCodec.name:
-        return f"drop {params.get('drop'):g}"
+        values = params.get("values") or {}
+        return sparse_label(params.get("drop", 0.0), params.get("mask", "random"),
+                            params.get("rescale"), values.get("bits"))
     if codec.get("name") == QuantCodec.name:
-        return f"{params.get('bits')}-bit"
+        method = params.get("method", "rtn")
+        return f"{params.get('bits')}-bit" + ("" if method == "mse" else f" {method}")
     return str(codec.get("name"))
 
 
@@ -157,7 +197,7 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
         rel_error.append(_six(e_norm / w_norm if w_norm else 0.0))
         cos.append(_six(cos_from_norms(r_norm, w_norm, e_norm)))
         del delta, decoded
-    arrays, params = impl.combine(rows, params)
+    arrays, params = impl.combine(rows, params, flat.shape[1])
     arrays = {k: v.cpu() for k, v in arrays.items()}
     recon_sha = [s.result() if isinstance(s, Future) else s for s in shas]
     return EncodedGroup(base, arrays, params, recon_sha, rel_error, cos, cos_base)

@@ -20,7 +20,7 @@ from .codecs import compute_dtype, get_codec
 from .decompose import synthesize
 from .device import resolve_device
 from .errors import CorruptArchiveError
-from .lanes import Lane, release_memory
+from .lanes import Lane, compute_threads, release_memory
 from .outputs import BuildDir, check_new_output
 from .progress import Reporter, Silent
 from .records import GroupRecord, Manifest
@@ -107,7 +107,8 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
                 for s, h in zip(m.shards, headers, strict=True):
                     fds.append(_create_shard(build.path / s.file, h))
                     result.files.append(s.file)
-                _write_tensors(reader, m, headers, fds, reporter, where)
+                with compute_threads():
+                    _write_tensors(reader, m, headers, fds, reporter, where)
                 for fd in fds:
                     os.fsync(fd)
             finally:

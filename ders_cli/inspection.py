@@ -15,6 +15,7 @@ from .dense_base import DenseMatcher
 from .detect import find_groups, layer_of
 from .errors import UsageError
 from .grouping import load_group
+from .lanes import compute_threads
 from .plan import planned_size
 from .progress import Reporter, Silent
 from .records import ExpertGroup
@@ -92,7 +93,7 @@ def inspect_model(model: str | Path, *, base: str | Path = "mean",
     final: dict[str, ExpertGroup | None] = {}
     reporter.start("inspect", sum(g.nbytes for g in found.groups), len(found.groups))
     try:
-        with ckpt.open() as files:
+        with ckpt.open() as files, compute_threads():
             for g in found.groups:
                 loaded = load_group(files, ckpt, g, found.shared.get(g.key, ()),
                                     threshold=threshold, matcher=matcher, use_shared=use_shared)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
+
+import torch
 
 
 class Lane:
@@ -69,3 +73,17 @@ def _libc_trim() -> Callable[[], None]:
 
 
 release_memory = _libc_trim()
+
+
+@contextmanager
+def compute_threads() -> Iterator[None]:
+    """torch's intra-op threads for the main thread's arithmetic: one core fewer than the
+    machine has, since the lanes keep one busy hashing and moving bytes. On a 2-core machine
+    that is one thread: OpenMP threads that find their core taken spin at every barrier, and
+    were measured to make each operation tens of times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -22,7 +22,7 @@ from .device import resolve_device
 from .errors import CorruptArchiveError
 from .expand import GroupArrays, group_arrays, shard_headers
 from .grouping import read_members
-from .lanes import Lane, release_memory
+from .lanes import Lane, compute_threads, release_memory
 from .progress import Reporter, Silent
 from .records import GroupRecord
 from .safetensors_io import tensor_bytes
@@ -94,7 +94,7 @@ def verify(archive: str | Path, against: str | Path | None = None, *,
     except CorruptArchiveError as exc:
         report.fail(str(exc))
         return report
-    with reader:
+    with reader, compute_threads():
         try:
             _verify_open(reader, ckpt, report, reporter, where)
         except CorruptArchiveError as exc:

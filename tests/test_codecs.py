@@ -162,3 +162,80 @@ def test_decomposition_never_modifies_its_inputs(dtype):
     base = mean_base(members)
     encode_group(members, base, dtype, "quant", QuantSpec(2).params(group_of(members, dtype)))
     assert torch.equal(members, before)
+
+
+@given(values=st.lists(st.integers(0, 2**64 - 1), max_size=200))
+def test_varints_round_trip(values):
+    from ders_cli.codecs.index import varint_decode, varint_encode
+
+    arr = np.array(values, dtype=np.uint64)
+    data = varint_encode(arr)
+    assert varint_decode(data).tolist() == values
+    assert len(data) == sum(max(1, -(-v.bit_length() // 7)) for v in values)
+
+
+@given(n=st.integers(1, 3000), frac=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_index_encodings_round_trip(n, frac, seed):
+    from ders_cli.codecs.index import bitmap_decode, bitmap_encode, gaps_decode, gaps_encode
+
+    k = int(n * frac)
+    pos = mask_positions(seed, n, k)
+    assert bitmap_decode(bitmap_encode(pos, n), n).tolist() == pos.tolist()
+    assert gaps_decode(gaps_encode(pos), k).tolist() == pos.tolist()
+
+
+def test_documented_gap_example():
+    from ders_cli.codecs.index import gaps_encode
+
+    # positions 3, 4, 200: gaps 3, 0, 195 -> 03 00 c3 01
+    assert gaps_encode(np.array([3, 4, 200])).tobytes().hex() == "0300c301"
+
+
+def test_magnitude_mask_keeps_the_largest_and_breaks_ties_low():
+    from ders_cli.codecs.sparse import top_magnitude
+
+    d = torch.tensor([0.5, -3.0, 0.0, 2.0, -2.0, 2.0, 0.1])
+    assert top_magnitude(d, 3).tolist() == [1, 3, 4]  # |2| three times: the lowest two
+    assert top_magnitude(d, 0).tolist() == [] and top_magnitude(d, 7).tolist() == list(range(7))
+
+
+SPARSE_VARIANTS = [SparseSpec(0.9, 1, "magnitude"), SparseSpec(0.5, 2, "magnitude", "norm"),
+                   SparseSpec(0.99, 3, "magnitude", "inverse"), SparseSpec(0.9, 4, "random",
+                                                                           "none"),
+                   SparseSpec(0.9, 5, value_bits=4, value_group=16),
+                   SparseSpec(0.7, 6, "magnitude", value_bits=2, value_group=8),
+                   SparseSpec(0.0, 7, value_bits=8), SparseSpec(0.0, 8, "magnitude")]
+
+
+@given(n_members=st.integers(1, 4), shape=shapes, dtype=st.sampled_from(FLOATS),
+       seed=st.integers(0, 1000), spec=st.sampled_from(SPARSE_VARIANTS))
+def test_sparse_variants_round_trip(n_members, shape, dtype, seed, spec):
+    members = upcycled(n_members, shape, dtype, seed)
+    group = group_of(members, dtype)
+    base = mean_base(members)
+    enc = encode_group(members, base, dtype, "sparse", spec.params(group))
+    params = enc.params
+    SparseCodec.validate(params, n_members, group.numel)
+    planned = SparseCodec.arrays(params, n_members, group.numel, dtype)
+    assert {k: tuple(v.shape) for k, v in enc.arrays.items()} == {
+        k: s for k, (_, s) in planned.items()}
+    if spec.mask == "magnitude" and params["keep"] < group.numel:
+        gaps = params["index"] == "gaps"
+        bitmap_bytes = n_members * ((group.numel + 7) // 8)
+        assert (enc.arrays["index"].numel() < bitmap_bytes) == gaps  # the smaller one
+    cd = compute_dtype(dtype)
+    for i in range(n_members):
+        rows = SparseCodec.member_rows(enc.arrays, params, i)
+        w_hat = synthesize(base, "sparse", params, rows, i, dtype)
+        assert hashlib.sha256(tensor_bytes(w_hat)).hexdigest() == enc.recon_sha256[i]
+        w = members[i].reshape(-1).to(cd)
+        delta = w - base.reshape(-1).to(cd)
+        if spec.mask == "magnitude" and spec.rescale in (None, "none") and spec.value_bits is None:
+            # Exactly the k largest deltas survive, up to the dtype's rounding of the sum.
+            kept = params["keep"]
+            changed = (w_hat.to(cd) != base.reshape(-1).to(cd)).sum()
+            assert int(changed) <= kept
+            drop_err = delta.abs().sort().values[: group.numel - kept].norm()
+            eps = float(torch.finfo(members.dtype).eps)
+            assert float((w_hat.to(cd) - w).norm()) <= float(drop_err) * 1.01 + \
+                4 * eps * float(w.norm())

@@ -9,9 +9,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..choose import TargetSpec, parse_fraction
 from ..compress import CompressResult, compress
 from ..constants import DEFAULT_GROUP_SIZE
 from ..decompose import CodecSpec, QuantSpec, SparseSpec
+from ..errors import UsageError
 from .console import RichReporter, human_bytes, natural_key, out, print_json, reported
 from .options import (
     DEFAULT_THRESHOLD,
@@ -19,6 +21,7 @@ from .options import (
     BaseOpt,
     DeviceOpt,
     ForceOpt,
+    GroupSizeOpt,
     JsonOpt,
     ModelArg,
     NoSharedOpt,
@@ -30,9 +33,28 @@ from .options import (
 
 def compress_cmd(
     model: ModelArg,
-    drop: Annotated[float, typer.Option("--drop", help="Fraction of each delta to drop, "
-                                        "in [0, 1); survivors are rescaled.")],
+    drop: Annotated[float | None, typer.Option(
+        "--drop", help="Fraction of each delta to drop, in [0, 1).", show_default=False)] = None,
+    target_size: Annotated[str | None, typer.Option(
+        "--target-size", help="Instead of --drop: the archive's size as a share of the "
+                              "checkpoint (25% or 0.25); a setting is chosen per group.",
+        show_default=False)] = None,
+    max_error: Annotated[float | None, typer.Option(
+        "--max-error", help="Instead of --drop: the largest relative error of any expert; "
+                            "per group the cheapest setting within it.",
+        show_default=False)] = None,
     out_path: OutOpt = None,
+    mask: Annotated[str, typer.Option(
+        "--mask", help="random: the paper's seeded mask (nothing stored but a seed); "
+                       "magnitude: the largest deltas (positions stored).")] = "random",
+    rescale: Annotated[str | None, typer.Option(
+        "--rescale", help="Scale of the kept values: inverse (by 1/(1-p), unbiased; default "
+                          "for random masks), none (default for magnitude masks), norm "
+                          "(the delta keeps its norm).", show_default=False)] = None,
+    bits: Annotated[int | None, typer.Option(
+        "--bits", help="Also quantize the kept values to this many bits (1, 2, 3, 4, 8).",
+        show_default=False)] = None,
+    group_size: GroupSizeOpt = DEFAULT_GROUP_SIZE,
     base: BaseOpt = "mean",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random masks.")] = 0,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
@@ -43,17 +65,23 @@ def compress_cmd(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """DeRS sparsification: one base per expert group plus sparse deltas, into a .ders file."""
-    _run(model, SparseSpec(drop, seed), out_path, base, threshold, no_shared, all_groups, device,
-         force, json, quiet)
+    """DeRS sparsification: one base per expert group plus sparse deltas, into a .ders file.
+    With --target-size or --max-error, the setting is chosen per group instead."""
+    with reported():
+        spec = _spec(drop, target_size, max_error, SparseSpec(drop or 0.0, seed, mask, rescale,
+                                                                 bits, group_size))
+    _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
+         use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force)
 
 
 def quantize_cmd(
     model: ModelArg,
     bits: Annotated[int, typer.Option("--bits", help="Bits per delta element: 1, 2, 3, 4 or 8.")],
     out_path: OutOpt = None,
-    group_size: Annotated[int, typer.Option(
-        "--group-size", help="Elements sharing one scale and offset.")] = DEFAULT_GROUP_SIZE,
+    group_size: GroupSizeOpt = DEFAULT_GROUP_SIZE,
+    method: Annotated[str, typer.Option(
+        "--method", help="mse: clip search and least-squares scales (less error); rtn: "
+                         "min/max round to nearest (faster).")] = "mse",
     base: BaseOpt = "mean",
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     no_shared: NoSharedOpt = False,
@@ -64,18 +92,31 @@ def quantize_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """DeRS quantization: one base per expert group plus k-bit deltas, into a .ders file."""
-    _run(model, QuantSpec(bits, group_size), out_path, base, threshold, no_shared, all_groups,
-         device, force, json, quiet)
+    _run(model, QuantSpec(bits, group_size, method), out_path, json, quiet, base=base,
+         threshold=threshold, use_shared=not no_shared, all_groups=all_groups, device=device,
+         overwrite=force)
 
 
-def _run(model: str, spec: CodecSpec, out_path: Path | None, base: str, threshold: float,
-         no_shared: bool, all_groups: bool, device: str, force: bool, json: bool,
-         quiet: bool) -> None:
+def _spec(drop: float | None, target_size: str | None, max_error: float | None,
+          sparse: SparseSpec) -> CodecSpec | TargetSpec:
+    given = [name for name, v in (("--drop", drop), ("--target-size", target_size),
+                                  ("--max-error", max_error)) if v is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --drop, --target-size and --max-error"
+                         + (f" (got {', '.join(given)})" if given else ""))
+    if drop is not None:
+        return sparse
+    fraction = parse_fraction(target_size) if target_size is not None else None
+    return TargetSpec(max_error=max_error, target_size=fraction)
+
+
+def _run(model: str, spec: CodecSpec | TargetSpec, out_path: Path | None, json: bool,
+         quiet: bool,
+         **options: object) -> None:
     start = time.perf_counter()
     with reported():
-        result = compress(model, spec, out_path, base=base, threshold=threshold,
-                          use_shared=not no_shared, all_groups=all_groups, overwrite=force,
-                          device=device, reporter=RichReporter(quiet or json))
+        result = compress(model, spec, out_path, reporter=RichReporter(quiet or json),
+                          **options)
     if json:
         doc = result.to_dict()
         doc["seconds"] = time.perf_counter() - start
@@ -93,7 +134,7 @@ def show(r: CompressResult, seconds: float) -> None:
     for g in sorted(r.groups, key=lambda g: natural_key(g.key)):
         passthrough = g.action == "passthrough"
         members = str(g.members) + (f" ({len(g.shared)} shared)" if g.shared else "")
-        table.add_row(g.key, members, "as it is" if passthrough else r.setting,
+        table.add_row(g.key, members, g.setting,
                       human_bytes(g.stored_bytes), f"{g.stored_bytes / g.original_bytes:.1%}",
                       "-" if passthrough else f"{g.max_rel_error:.2e}",
                       "-" if passthrough else f"{g.min_cos:.6f}")

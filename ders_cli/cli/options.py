@@ -28,6 +28,8 @@ NoSharedOpt = Annotated[bool, typer.Option(
 AllGroupsOpt = Annotated[bool, typer.Option(
     "--all-groups", help="Compress every expert group, also those that do not look upcycled "
                          "(experts trained from scratch lose much more).")]
+GroupSizeOpt = Annotated[int, typer.Option(
+    "--group-size", help="Elements sharing one quantization scale and offset.")]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", help="Where the codec arithmetic runs: auto (a CUDA GPU when there is one), "
                      "cpu, cuda, cuda:N.")]

@@ -57,7 +57,7 @@ class DeltaCodec(ABC):
         gives up ``delta``): the writer measures reconstructions without decoding again."""
 
     @classmethod
-    def combine(cls, rows: list[dict[str, torch.Tensor]], params: dict
+    def combine(cls, rows: list[dict[str, torch.Tensor]], params: dict, numel: int
                 ) -> tuple[dict[str, torch.Tensor], dict]:
         """The stored arrays from every member's rows, and the final parameters. Rows of equal
         length stack into ``[members, ...]``; a codec whose rows vary in length (an entropy
@@ -77,7 +77,7 @@ class DeltaCodec(ABC):
         the stored arrays and the final parameters."""
         cls.validate(params, deltas.shape[0], deltas.shape[1])
         rows = [cls.encode_member(d.clone(), dtype, params, i)[0] for i, d in enumerate(deltas)]
-        return cls.combine(rows, params)
+        return cls.combine(rows, params, deltas.shape[1])
 
     @classmethod
     @abstractmethod

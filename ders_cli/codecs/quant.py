@@ -43,13 +43,72 @@ def _reconstruct(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | No
     return (offset.to(q.dtype)[:, None] + q * sc).reshape(-1)[:numel]
 
 
-def quantize(x: torch.Tensor, bits: int, group_size: int
+METHODS = ("rtn", "mse")
+SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5)
+REFITS = 2
+
+
+def _codes(xg: torch.Tensor, off: torch.Tensor, sc: torch.Tensor, levels: int) -> torch.Tensor:
+    safe = torch.where(sc > 0, sc, torch.ones_like(sc))
+    q = torch.sub(xg, off[:, None]).div_(safe[:, None]).round_().clamp_(0, levels)
+    return q if bool((sc > 0).all()) else q.mul_((sc > 0)[:, None])
+
+
+def _sq_error(xg: torch.Tensor, q: torch.Tensor, off: torch.Tensor, sc: torch.Tensor,
+              tail: int) -> torch.Tensor:
+    """Squared error per group; the last group counts its first ``tail`` elements only."""
+    e = torch.mul(q, sc[:, None]).add_(off[:, None]).sub_(xg).square_()
+    err = e.sum(dim=1)
+    if tail < xg.shape[1]:
+        err[-1] = e[-1, :tail].sum()
+    return err
+
+
+def mse_range(xg: torch.Tensor, tail: int, lo: torch.Tensor, hi: torch.Tensor, levels: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offset, scale) per group minimising the squared error, never worse than min/max
+    rounding: the range shrunk about its centre by the best of SHRINKS (outliers clipped), then
+    the least-squares line through (code, value) refitted REFITS times, each change kept only
+    where it lowers the group's error. ``tail``: valid elements of the last group."""
+    centre, half = (hi + lo) / 2, (hi - lo) / 2
+    best_off, best_sc = lo, (hi - lo) / levels
+    best_err = _sq_error(xg, _codes(xg, best_off, best_sc, levels), best_off, best_sc, tail)
+
+    def keep_better(off: torch.Tensor, sc: torch.Tensor) -> None:
+        nonlocal best_off, best_sc, best_err
+        err = _sq_error(xg, _codes(xg, off, sc, levels), off, sc, tail)
+        better = err < best_err
+        best_off, best_sc = torch.where(better, off, best_off), torch.where(better, sc, best_sc)
+        best_err = torch.where(better, err, best_err)
+
+    for shrink in SHRINKS[1:]:
+        keep_better(centre - shrink * half, 2 * shrink * half / levels)
+    valid = torch.ones_like(xg[0])
+    valid[tail:] = 0
+    count = torch.full_like(best_off, xg.shape[1])
+    count[-1] = tail
+    for _ in range(REFITS):
+        q = _codes(xg, best_off, best_sc, levels)
+        q[-1] *= valid  # the padding must not pull the fit (padded values are zeros)
+        mq, mx = q.sum(1) / count, xg.sum(1) / count
+        dq = q - mq[:, None]
+        dq[-1] *= valid
+        cov, var = (dq * xg).sum(1), dq.square_().sum(1)
+        sc = torch.where(var > 0, cov / var.clamp_min(1e-30), best_sc).clamp_min(0)
+        keep_better(mx - sc * mq, sc)
+    return best_off, best_sc
+
+
+def quantize(x: torch.Tensor, bits: int, group_size: int, method: str = "rtn"
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One flattened delta -> (packed codes uint8, scale bf16, offset bf16 or None for 1 bit,
-    the delta as it will be decoded)."""
+    the delta as it will be decoded). ``method``: "rtn" (min/max, round to nearest) or "mse"
+    (``mse_range``); 1-bit codes are sign times mean |x|, least-squares optimal either way."""
     n = x.numel()
-    if n == 0:
-        raise ValueError("cannot quantize an empty tensor")
+    if n == 0:  # a sparse member that keeps nothing
+        empty = torch.empty(0, dtype=_PARAM, device=x.device)
+        return (torch.empty(0, dtype=torch.uint8), empty, None if bits == 1 else empty.clone(),
+                x.new_empty(0))
     if bits == 1:
         # Summed in f64 so the stored scale does not depend on the platform's summation order.
         sums = _grouped(x.abs().double(), group_size, 0.0).sum(dim=1)  # f64: exact enough
@@ -63,13 +122,16 @@ def quantize(x: torch.Tensor, bits: int, group_size: int
     levels = (1 << bits) - 1
     lo = _grouped(x, group_size, float("inf")).amin(dim=1)
     hi = _grouped(x, group_size, float("-inf")).amax(dim=1)
+    xg = _grouped(x, group_size, 0.0)
+    if method == "mse":
+        lo, step = mse_range(xg, n - (xg.shape[0] - 1) * group_size, lo, hi, levels)
+        hi = lo + step * levels
+    # Codes are chosen for the parameters as stored (rounded to bf16), not as computed.
     offset = lo.to(_PARAM)
     off = offset.to(x.dtype)
     scale = ((hi - off).clamp_min(0) / levels).to(_PARAM)
     sc = scale.to(x.dtype)
-    safe = torch.where(sc > 0, sc, torch.ones_like(sc))
-    q = torch.round((_grouped(x, group_size, 0.0) - off[:, None]) / safe[:, None])
-    q = torch.where(sc[:, None] > 0, q, torch.zeros_like(q)).clamp_(0, levels)
+    q = _codes(xg, off, sc, levels)
     codes = q.reshape(-1)[:n].to(torch.uint8)
     return (torch.from_numpy(pack(codes.cpu().numpy(), bits)), scale, offset,
             _reconstruct(q, scale, offset, bits, n))
@@ -81,14 +143,26 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | 
     return _reconstruct(_grouped(q, group_size, 0.0), scale, offset, bits, numel)
 
 
+def quant_arrays(bits: int, group_size: int, members: int, numel: int) -> dict[str, ArraySpec]:
+    """The arrays of ``members`` rows of ``numel`` quantized values each."""
+    groups = num_groups(numel, group_size)
+    out = {
+        "codes": ("U8", (members, packed_nbytes(numel, bits))),
+        "scale": (QUANT_PARAM_DTYPE, (members, groups)),
+    }
+    if bits > 1:
+        out["offset"] = (QUANT_PARAM_DTYPE, (members, groups))
+    return out
+
+
 class QuantCodec(DeltaCodec):
     """Parameters: ``bits`` (1, 2, 3, 4 or 8) and ``group_size``."""
 
     name = CODEC_QUANT
 
     @classmethod
-    def params(cls, bits: int, group_size: int) -> dict:
-        return {"bits": bits, "group_size": group_size}
+    def params(cls, bits: int, group_size: int, method: str = "rtn") -> dict:
+        return {"bits": bits, "group_size": group_size, "method": method}
 
     @classmethod
     def validate(cls, params: dict, members: int, numel: int) -> None:
@@ -97,23 +171,18 @@ class QuantCodec(DeltaCodec):
             raise ValueError(f"quant bits must be one of {QUANT_BITS}, got {bits!r}")
         if not isinstance(gs, int) or isinstance(gs, bool) or gs < 1:
             raise ValueError(f"quant group_size must be a positive integer, got {gs!r}")
+        if params.get("method", "rtn") not in METHODS:
+            raise ValueError(f"unknown quant method {params.get('method')!r}")
 
     @classmethod
     def arrays(cls, params: dict, members: int, numel: int, dtype: str) -> dict[str, ArraySpec]:
-        bits, gs = params["bits"], params["group_size"]
-        groups = num_groups(numel, gs)
-        out = {
-            "codes": ("U8", (members, packed_nbytes(numel, bits))),
-            "scale": (QUANT_PARAM_DTYPE, (members, groups)),
-        }
-        if bits > 1:
-            out["offset"] = (QUANT_PARAM_DTYPE, (members, groups))
-        return out
+        return quant_arrays(params["bits"], params["group_size"], members, numel)
 
     @classmethod
     def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        codes, scale, offset, decoded = quantize(delta, params["bits"], params["group_size"])
+        codes, scale, offset, decoded = quantize(delta, params["bits"], params["group_size"],
+                                                 params.get("method", "rtn"))
         row = {"codes": codes, "scale": scale}
         if offset is not None:
             row["offset"] = offset

@@ -1,0 +1,93 @@
+"""``--max-error`` and ``--target-size``: a setting per group instead of one for all.
+
+Both walk one ladder of settings, ordered by the bytes they store and measured on real
+upcycled weights to be ordered by error the other way (bench/quality.py): 1% of each delta
+kept unscaled in 4 bits (close to the base alone, at 0.04 bits an element), then 1, 2, 3, 4
+and 8 bits. Every rung has a random mask or none, so its size is exact before encoding.
+
+``--max-error E`` encodes a group at each rung from the cheapest up and keeps the first whose
+every member is within E. ``--target-size F`` needs no trial: stored sizes are known before
+any data is read, so the budget left after everything that passes through is spread over the
+groups, each taking the richest rung that fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .checkpoint import Checkpoint
+from .decompose import CodecSpec, QuantSpec, SparseSpec
+from .detect import Found, with_members
+from .errors import InputError, UsageError
+from .plan import estimate_header, group_bytes
+
+LADDER: tuple[CodecSpec, ...] = (
+    SparseSpec(0.99, rescale="none", value_bits=4),
+    QuantSpec(1), QuantSpec(2), QuantSpec(3), QuantSpec(4), QuantSpec(8),
+)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Choose per group: the cheapest rung within ``max_error`` (relative Frobenius error of
+    every member), or the richest rungs that keep the archive within ``target_size`` (a
+    fraction of the checkpoint's bytes)."""
+
+    max_error: float | None = None
+    target_size: float | None = None
+    codec: str = field(default="auto", init=False)
+
+    def check(self) -> None:
+        if (self.max_error is None) == (self.target_size is None):
+            raise UsageError("give one of --max-error and --target-size")
+        if self.max_error is not None and not self.max_error > 0.0:
+            raise UsageError(f"--max-error must be positive, got {self.max_error}")
+        if self.target_size is not None and not 0.0 < self.target_size <= 1.0:
+            raise UsageError(f"--target-size must be in (0, 100%], got {self.target_size:.1%}")
+
+    @property
+    def label(self) -> str:
+        if self.max_error is not None:
+            return f"max error {self.max_error:g}"
+        return f"target {self.target_size:.0%}"
+
+
+def parse_fraction(text: str) -> float:
+    """'25%' or '0.25' -> 0.25."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise UsageError(f"--target-size takes a percentage like 25% or a fraction like "
+                         f"0.25, got {text!r}") from None
+
+
+def plan_target(ckpt: Checkpoint, found: Found, fraction: float) -> dict[str, CodecSpec]:
+    """A rung per group so that the archive is at most ``fraction`` of the checkpoint: all
+    groups climb together while the whole ladder step fits, then the remaining budget lifts
+    groups one by one (largest first). Raises when even the lowest rung does not fit."""
+    grouped = {t for g in found.groups for t in g.tensors}
+    reserve = estimate_header(ckpt, found)
+    fixed = 8 + reserve + (-reserve % 8) + sum(len(s.header.raw) for s in ckpt.shards)
+    fixed += ckpt.side_bytes + sum(e.nbytes for n, (_, e) in ckpt.where.items()
+                                   if n not in grouped)
+    original = ckpt.tensor_bytes + ckpt.side_bytes
+    budget = fraction * original - fixed
+    # Plan as if every shared-FFN candidate joined: the larger of the two outcomes.
+    groups = [with_members(g, found.shared.get(g.key, ())) for g in found.groups]
+    sizes = [[group_bytes(g, spec) for spec in LADDER] for g in groups]
+    level = [0] * len(groups)
+    if sum(s[0] for s in sizes) > budget:
+        smallest = (fixed + sum(s[0] for s in sizes)) / original
+        raise InputError(f"--target-size {fraction:.1%} is below the smallest archive ders "
+                         f"can write for this model: {smallest:.1%}", ckpt.root)
+    for rung in range(1, len(LADDER)):
+        if sum(s[rung] for s in sizes) <= budget:
+            level = [rung] * len(groups)
+    spent = sum(s[lv] for s, lv in zip(sizes, level, strict=True))
+    for i in sorted(range(len(groups)), key=lambda i: -groups[i].nbytes):
+        if level[i] + 1 < len(LADDER):
+            extra = sizes[i][level[i] + 1] - sizes[i][level[i]]
+            if spent + extra <= budget:
+                level[i] += 1
+                spent += extra
+    return {g.key: LADDER[lv] for g, lv in zip(found.groups, level, strict=True)}
