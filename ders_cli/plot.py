@@ -8,18 +8,14 @@ from pathlib import Path
 
 from .errors import InputError, UsageError
 from .inspection import InspectReport
+from .verify import projection_of
 
 MAX_PANELS = 48
 
 
 def panel_title(key: str, layer: int | None) -> str:
     """'L3 w1' for 'model.layers.3.block_sparse_moe.experts.{E}.w1.weight'."""
-    if key.endswith("[{E}]"):
-        name = key[: -len("[{E}]")].rsplit(".", 1)[-1]
-    else:
-        head, _, tail = key.partition("{E}")
-        tail = tail.strip(".").removesuffix("weight").strip(".")
-        name = tail or head.strip(".").rsplit(".", 1)[-1]
+    name = projection_of(key)
     return f"L{layer} {name}" if layer is not None else name
 
 

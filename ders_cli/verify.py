@@ -18,6 +18,7 @@ from .archive import ArchiveReader
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
 from .codecs import compute_dtype
 from .decompose import codec_label
+from .detect import layer_of
 from .device import resolve_device
 from .errors import CorruptArchiveError
 from .expand import GroupArrays, group_arrays, shard_headers
@@ -25,15 +26,19 @@ from .grouping import read_members
 from .lanes import Lane, compute_threads, release_memory
 from .progress import Reporter, Silent
 from .records import GroupRecord
-from .safetensors_io import tensor_bytes
+from .safetensors_io import tensor_bytes, tensor_nbytes
 from .stats import cos_from_norms, norm
 
 
 @dataclass
 class GroupCheck:
     key: str
+    layer: int | None
+    projection: str  # the part of the key that names the weight: "w1", "gate_up_proj"
     codec: str
     members: int
+    original_bytes: int
+    stored_bytes: int  # base and codec arrays
     rel_error: list[float]  # measured against the model, or as recorded when written
     cos: list[float]
     measured: bool  # True when measured against the model given
@@ -56,7 +61,19 @@ class VerifyReport:
     stored_arrays: int = 0
     tensors: int = 0
     passthrough_exact: int = 0
+    archive_bytes: int = 0
+    checkpoint_bytes: int = 0  # the checkpoint the archive holds: shards and side files
     groups: list[GroupCheck] = field(default_factory=list)
+
+    @property
+    def expert_ratio(self) -> float:
+        """Bytes the expert groups take in the archive over their original bytes."""
+        original = sum(g.original_bytes for g in self.groups)
+        return sum(g.stored_bytes for g in self.groups) / original if original else 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.archive_bytes / self.checkpoint_bytes if self.checkpoint_bytes else 0.0
 
     @property
     def max_rel_error(self) -> float | None:
@@ -71,6 +88,8 @@ class VerifyReport:
         d = asdict(self)
         d["archive"] = str(self.archive)
         d["max_rel_error"] = self.max_rel_error
+        d["expert_ratio"] = self.expert_ratio
+        d["ratio"] = self.ratio
         for g, gd in zip(self.groups, d["groups"], strict=True):
             gd["max_rel_error"] = g.max_rel_error
             gd["min_cos"] = g.min_cos
@@ -112,6 +131,8 @@ def _verify_open(reader: ArchiveReader, ckpt: Checkpoint | None, report: VerifyR
     m = reader.manifest
     headers = shard_headers(reader)
     report.tensors = len(m.tensors)
+    report.archive_bytes = reader.size
+    report.checkpoint_bytes = sum(s.size for s in m.shards) + sum(f.size for f in m.files)
     for i, h in enumerate(headers):
         listed = {n for n, t in m.tensors.items() if t.shard == i}
         if listed != set(h.tensors):
@@ -141,7 +162,7 @@ def _verify_open(reader: ArchiveReader, ckpt: Checkpoint | None, report: VerifyR
                     done += 1
                     if done < len(groups):
                         ahead = ahead_lane.submit(fetch, done)
-                    report.groups.append(_check_group(fetched, report))
+                    report.groups.append(_check_group(reader, fetched, report))
                     reporter.advance(entry.nbytes, 1)
                     del fetched
                     release_memory()
@@ -204,14 +225,19 @@ def _fetch(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
     return _Fetched(g, parts, problem, original, changed)
 
 
-def _check_group(f: _Fetched, report: VerifyReport) -> GroupCheck:
+def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport) -> GroupCheck:
     g = f.record
     rel, cos = list(g.rel_error), list(g.cos)
+    stored = reader.entry(g.base["array"]).nbytes + sum(
+        reader.entry(a).nbytes for a in g.codec["arrays"].values())
+    check = GroupCheck(g.key, layer_of(g.members[0].tensor), projection_of(g.key),
+                       codec_label(g.codec), len(g.members),
+                       len(g.members) * tensor_nbytes(g.dtype, g.shape), stored, rel, cos, False)
     for name in f.changed:
         report.fail(f"tensor {name!r} differs from the archive's source")
     if f.parts is None:
         report.fail(f.problem)
-        return GroupCheck(g.key, codec_label(g.codec), len(g.members), rel, cos, False)
+        return check
     cd = compute_dtype(g.dtype)
     for i, member in enumerate(g.members):
         w_hat = f.parts.member(i).cpu()
@@ -223,5 +249,15 @@ def _check_group(f: _Fetched, report: VerifyReport) -> GroupCheck:
             w_norm, e_norm = norm(wc), norm(hc - wc)
             rel[i] = e_norm / w_norm if w_norm else 0.0
             cos[i] = cos_from_norms(norm(hc), w_norm, e_norm)
-    return GroupCheck(g.key, codec_label(g.codec), len(g.members), rel, cos,
-                      f.original is not None)
+    check.measured = f.original is not None
+    return check
+
+
+def projection_of(key: str) -> str:
+    """'w1' for 'model.layers.3.block_sparse_moe.experts.{E}.w1.weight', 'gate_up_proj' for
+    'model.layers.3.mlp.experts.gate_up_proj[{E}]'."""
+    if key.endswith("[{E}]"):
+        return key[: -len("[{E}]")].rsplit(".", 1)[-1]
+    head, _, tail = key.partition("{E}")
+    tail = tail.strip(".").removesuffix("weight").strip(".")
+    return tail or head.strip(".").rsplit(".", 1)[-1]

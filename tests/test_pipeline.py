@@ -252,3 +252,20 @@ def test_header_estimate_covers_what_is_written(model, tmp_path, case):
     found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
     result = ders.compress(src, spec, tmp_path / "a.ders", reserve=0, **kwargs)
     assert result.header_bytes <= estimate_header(ckpt, found)
+
+
+def test_verify_reports_bytes_by_layer_and_projection(model, tmp_path):
+    result = ders.compress(model, ders.QuantSpec(2), tmp_path / "a.ders")
+    report = ders.verify(tmp_path / "a.ders", against=model)
+    assert {(g.layer, g.projection) for g in report.groups} == {
+        (layer, p) for layer in range(2) for p in ("w1", "w2", "w3")}
+    assert sum(g.stored_bytes for g in report.groups) == sum(
+        g.stored_bytes for g in result.groups)
+    assert report.expert_ratio == pytest.approx(
+        sum(g.stored_bytes for g in result.groups) / sum(g.original_bytes for g in result.groups))
+    assert report.archive_bytes == result.archive_bytes
+    assert report.checkpoint_bytes == sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+    doc = report.to_dict()
+    assert {"expert_ratio", "ratio", "max_rel_error"} <= set(doc)
+    assert {"layer", "projection", "stored_bytes", "original_bytes", "rel_error", "cos",
+            "max_rel_error", "min_cos"} <= set(doc["groups"][0])

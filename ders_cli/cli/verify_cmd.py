@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from ..verify import VerifyReport, verify
-from .console import RichReporter, err, natural_key, out, print_json, reported
+from .console import RichReporter, err, human_bytes, natural_key, out, print_json, reported
 from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt
 
 
@@ -39,16 +39,25 @@ def verify_cmd(
 def show(r: VerifyReport) -> None:
     if r.groups:
         measured = all(g.measured for g in r.groups)
-        table = Table(title="Expert groups" + (" against " + str(r.against) if measured else
-                                                " (errors as recorded when written)"),
-                      title_justify="left")
-        for col, just in (("group", "left"), ("N", "right"), ("codec", "left"),
+        table = Table(title="Expert groups by layer and projection" + (
+            " against " + str(r.against) if measured else " (errors as recorded when written)"),
+            title_justify="left")
+        for col, just in (("layer", "right"), ("projection", "left"), ("N", "right"),
+                          ("codec", "left"), ("bytes", "right"), ("of original", "right"),
                           ("rel. error (max)", "right"), ("cos (min)", "right")):
             table.add_column(col, justify=just)
         for g in sorted(r.groups, key=lambda g: natural_key(g.key)):
-            table.add_row(g.key, str(g.members), g.codec, f"{g.max_rel_error:.2e}",
+            table.add_row("-" if g.layer is None else str(g.layer), g.projection,
+                          str(g.members), g.codec, human_bytes(g.stored_bytes),
+                          f"{g.stored_bytes / g.original_bytes:.1%}", f"{g.max_rel_error:.2e}",
                           f"{g.min_cos:.6f}")
         out.print(table)
+        original = sum(g.original_bytes for g in r.groups)
+        out.print(f"experts: {human_bytes(original)} stored in "
+                  f"{human_bytes(sum(g.stored_bytes for g in r.groups))} "
+                  f"({r.expert_ratio:.1%}); whole checkpoint: "
+                  f"{human_bytes(r.checkpoint_bytes)} in an archive of "
+                  f"{human_bytes(r.archive_bytes)} ({r.ratio:.1%})")
     for p in r.problems:
         err.print(f"[bold red]FAIL:[/] {p}", soft_wrap=True)
     if r.ok:
