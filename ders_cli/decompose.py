@@ -152,7 +152,7 @@ def synthesize(base: torch.Tensor, codec: str, params: dict, rows: dict[str, tor
     if isinstance(delta, SparseDelta):
         pos = delta.positions
         kept = torch.index_select(flat if base_c is None else base_c, 0, pos).to(cd)
-        return flat.clone().scatter_(0, pos, (kept + delta.values).to(base.dtype))
+        return flat.clone().index_copy_(0, pos, (kept + delta.values).to(base.dtype))
     if base_c is None:
         base_c = flat.to(cd)
     return delta.add_(base_c).to(base.dtype)
@@ -221,7 +221,7 @@ def _sparse_recon(base_flat: torch.Tensor, base_c: torch.Tensor, base_norm: floa
     pos = decoded.positions
     kept_base = torch.index_select(base_c, 0, pos)
     kept = (kept_base + decoded.values).to(base_flat.dtype)
-    recon = base_flat.clone().scatter_(0, pos, kept)
+    recon = base_flat.clone().index_copy_(0, pos, kept)
     kept_c, kept_w = kept.to(base_c.dtype), torch.index_select(w, 0, pos)
     r2 = base_norm**2 - norm(kept_base) ** 2 + norm(kept_c) ** 2
     e2 = d_norm**2 - norm(kept_w - kept_base) ** 2 + norm(kept_c - kept_w) ** 2

@@ -79,7 +79,7 @@ def densify(decoded: Decoded, numel: int) -> torch.Tensor:
     if isinstance(decoded, torch.Tensor):
         return decoded
     out = torch.zeros(numel, dtype=decoded.values.dtype, device=decoded.values.device)
-    return out.scatter_(0, decoded.positions, decoded.values)
+    return out.index_copy_(0, decoded.positions, decoded.values)
 
 
 def parse_seed(text: str) -> int:
@@ -172,7 +172,7 @@ class SparseCodec(DeltaCodec):
             pos = positions_on(parse_seed(params["seeds"][member]), numel, keep, delta.device)
         else:
             pos = top_magnitude(delta, keep)
-        # index_select and scatter_: several times faster than advanced indexing in torch.
+        # index_select and index_copy_: several times faster than advanced indexing in torch.
         kept = torch.index_select(delta, 0, pos)
         kept *= _scale(params.get("rescale", "inverse"), delta, kept, numel, keep)
         if vq is None:
