@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .archive import ArchiveReader
@@ -56,6 +57,8 @@ class VerifyReport:
     stored_arrays: int = 0
     tensors: int = 0
     passthrough_exact: int = 0
+    experts_compared: int = 0  # synthesized experts compared with the model (--against)
+    experts_exact: int = 0  # of those, the ones bit for bit the original
     groups: list[GroupCheck] = field(default_factory=list)
 
     @property
@@ -218,6 +221,8 @@ def _check_group(f: _Fetched, report: VerifyReport) -> GroupCheck:
         if hashlib.sha256(tensor_bytes(w_hat)).hexdigest() != g.recon_sha256[i]:
             report.fail(f"{member.label!r}: synthesis does not reproduce the recorded bytes")
         if f.original is not None:
+            report.experts_compared += 1
+            report.experts_exact += _same_bytes(w_hat, f.original[i])
             wc = f.original[i].reshape(-1).to(cd)
             hc = w_hat.to(cd)
             w_norm, e_norm = norm(wc), norm(hc - wc)
@@ -225,3 +230,7 @@ def _check_group(f: _Fetched, report: VerifyReport) -> GroupCheck:
             cos[i] = cos_from_norms(norm(hc), w_norm, e_norm)
     return GroupCheck(g.key, codec_label(g.codec), len(g.members), rel, cos,
                       f.original is not None)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(np.array_equal(np.asarray(tensor_bytes(a)), np.asarray(tensor_bytes(b))))

@@ -1,4 +1,4 @@
-"""ders compress MODEL --drop P and ders quantize MODEL --bits K"""
+"""ders compress MODEL --drop P | --lossless and ders quantize MODEL --bits K"""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from rich.table import Table
 
 from ..compress import CompressResult, compress
 from ..constants import DEFAULT_GROUP_SIZE
-from ..decompose import CodecSpec, QuantSpec, SparseSpec
+from ..decompose import CodecSpec, LosslessSpec, QuantSpec, SparseSpec
+from ..errors import UsageError
 from .console import RichReporter, human_bytes, natural_key, out, print_json, reported
 from .options import (
     DEFAULT_THRESHOLD,
@@ -30,8 +31,12 @@ from .options import (
 
 def compress_cmd(
     model: ModelArg,
-    drop: Annotated[float, typer.Option("--drop", help="Fraction of each delta to drop, "
-                                        "in [0, 1); survivors are rescaled.")],
+    drop: Annotated[float | None, typer.Option(
+        "--drop", help="Fraction of each delta to drop, in [0, 1); survivors are rescaled.",
+        show_default=False)] = None,
+    lossless: Annotated[bool, typer.Option(
+        "--lossless", help="Store every expert bit for bit instead (base plus zstd-coded "
+                           "residuals); not with --drop.")] = False,
     out_path: OutOpt = None,
     base: BaseOpt = "mean",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random masks.")] = 0,
@@ -43,9 +48,20 @@ def compress_cmd(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """DeRS sparsification: one base per expert group plus sparse deltas, into a .ders file."""
-    _run(model, SparseSpec(drop, seed), out_path, base, threshold, no_shared, all_groups, device,
-         force, json, quiet)
+    """DeRS sparsification (--drop) or lossless storage (--lossless): one base per expert
+    group plus a delta per expert, into a .ders file."""
+    with reported():
+        spec = compress_spec(drop, lossless, seed)
+    _run(model, spec, out_path, base, threshold, no_shared, all_groups, device, force, json,
+         quiet)
+
+
+def compress_spec(drop: float | None, lossless: bool, seed: int) -> CodecSpec:
+    """--drop P or --lossless: exactly one of them."""
+    if lossless == (drop is not None):
+        raise UsageError("compress needs exactly one of --drop P (DeRS sparsification) and "
+                         "--lossless (every expert bit for bit)")
+    return LosslessSpec() if lossless else SparseSpec(drop, seed)
 
 
 def quantize_cmd(
