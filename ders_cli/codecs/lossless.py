@@ -3,13 +3,13 @@
 A member's residual is the difference of its bits and the base's, both read as *ordered* words
 (integers that sort like the floats they hold), zigzag-coded so that small differences of either
 sign are small numbers. A fine-tuning delta of ~1% moves a bf16 weight a few units in the last
-place: the residual's high byte is nearly always 0 and its low byte carries ~3.5 bits. (The XOR
+place: the residual's high byte is nearly always 0 and its low byte carries ~3.3 bits. (The XOR
 of the bits is worse: one carry flips many bits. On real experts: 28% of the input against 25%.)
 
 How many units in the last place a delta spans depends on the weight's exponent (the same delta
 is more of them for a smaller weight), so the residual is stored in the order of the base's
 exponent, and the encoder starts a zstd block where the exponent changes: each exponent's
-residuals get entropy tables of their own (another 3% of the input on real experts). The
+residuals get entropy tables of their own (25% of the input becomes 20% on real experts). The
 decoder knows the base, hence the order.
 """
 
