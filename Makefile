@@ -26,11 +26,12 @@ demo: setup
 	$(BIN)/ders inspect $(DEMO)/model
 	$(BIN)/ders compress $(DEMO)/model --drop 0.9
 	$(BIN)/ders quantize $(DEMO)/model --bits 2 -o $(DEMO)/q2.ders
+	$(BIN)/ders compress $(DEMO)/model --lossless -o $(DEMO)/exact.ders
 	$(BIN)/ders verify $(DEMO)/model.ders --against $(DEMO)/model
 	$(BIN)/ders expand $(DEMO)/model.ders -o $(DEMO)/restored
 	$(BIN)/python -m fixtures.compare_logits $(DEMO)/model $(DEMO)/restored
 	@echo "== sizes"
-	@du -sh $(DEMO)/model $(DEMO)/model.ders $(DEMO)/q2.ders $(DEMO)/restored
+	@du -sh $(DEMO)/model $(DEMO)/model.ders $(DEMO)/q2.ders $(DEMO)/exact.ders $(DEMO)/restored
 
 test: setup lint
 	$(BIN)/python -m pytest -q

@@ -1,5 +1,5 @@
 """The ders benchmark: size, speed and memory of every command on synthetic upcycled
-checkpoints, against a plain read-and-write of the same bytes and against zstd.
+checkpoints, against a plain read-and-write of the same bytes and against zstd and xz.
 
     python -m bench.run                      # 0.25 and 1 GB: a few minutes
     python -m bench.run --sizes 1,4,16       # the full run (needs ~3.5x the largest size free)
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -33,6 +34,8 @@ from .layout import BF16, Synthetic, tensor_shapes
 DROP = 0.9
 BITS, GROUP_SIZE = 2, 128
 ZSTD_LEVEL = 3
+XZ_PRESET = 9
+XZ_MAX_GB = 0.25  # xz runs at ~1 MB/s on one core: only at sizes up to this (--xz-max-gb)
 ROOT = Path(__file__).resolve().parent.parent  # the repository: children run from here
 DEFAULT_WORKDIR = ROOT / "bench" / "out"
 PY = sys.executable
@@ -137,7 +140,8 @@ def ders(*args: str) -> list[str]:
 
 
 def bench_size(gb: float, work: Path, cache: CacheControl, shard_gb: float | None,
-               hidden: int, keep: bool, log: Callable[[str], None]) -> list[Row]:
+               hidden: int, keep: bool, log: Callable[[str], None],
+               xz_max_gb: float = XZ_MAX_GB) -> list[Row]:
     """Generate a checkpoint of ``gb`` GB and measure every command on it."""
     label = f"{gb:g} GB"
     shard = int((shard_gb or min(2.0, gb / 2)) * 1e9)
@@ -178,6 +182,15 @@ def bench_size(gb: float, work: Path, cache: CacheControl, shard_gb: float | Non
         zrow.output_bytes, unz, compressed=zrow.output_bytes)
     shutil.rmtree(zst, ignore_errors=True)
     shutil.rmtree(unz, ignore_errors=True)
+    if gb <= xz_max_gb:
+        xz, unxz = work / "xz", work / "unxz"
+        xrow, _ = run(f"xz -{XZ_PRESET} (lzma, 1 thread)",
+                      [PY, "-m", "bench.baselines", "xz", str(ck.folder), str(xz), "--preset",
+                       str(XZ_PRESET)], size, xz)
+        run("xz -d", [PY, "-m", "bench.baselines", "unxz", str(xz), str(unxz)],
+            xrow.output_bytes, unxz, compressed=xrow.output_bytes)
+        shutil.rmtree(xz, ignore_errors=True)
+        shutil.rmtree(unxz, ignore_errors=True)
 
     archive = work / "model.ders"
     crow, _ = run(f"ders compress --drop {DROP:g}",
@@ -195,17 +208,21 @@ def bench_size(gb: float, work: Path, cache: CacheControl, shard_gb: float | Non
             r.note = (f"archive {r.output_bytes / r.theory_bytes - 1:+.3%} vs codec theory "
                       f"({r.theory_bytes / 1e9:.4f} GB)")
 
-    if crow.ok:
+    def expand_and_compare(command: str, archive: Path, compressed: int, exact: bool) -> None:
+        """Expand ``archive``; compare every restored file with the checkpoint's: its size, or
+        (``exact``) its sha256."""
         restored = work / "restored"
-        erow, _ = run("ders expand", ders("expand", str(archive), "-o", str(restored),
-                                          "--quiet"), crow.output_bytes, restored,
-                      compressed=crow.output_bytes)
-        if erow.ok:
-            same = all((restored / f).stat().st_size == (ck.folder / f).stat().st_size
-                       for f in ck.files)
-            erow.note = f"{len(ck.files)} files, sizes {'match' if same else 'DIFFER'}"
-            erow.ok = same
+        row, _ = run(command, ders("expand", str(archive), "-o", str(restored), "--quiet"),
+                     compressed, restored, compressed=compressed)
+        if row.ok:
+            key = _sha256 if exact else (lambda p: p.stat().st_size)
+            row.ok = all(key(restored / f) == key(ck.folder / f) for f in ck.files)
+            same, how = ("bit-exact", " (sha256)") if exact else ("sizes match", "")
+            row.note = f"{len(ck.files)} files, {same if row.ok else 'DIFFER'}{how}"
         shutil.rmtree(restored, ignore_errors=True)
+
+    if crow.ok:
+        expand_and_compare("ders expand", archive, crow.output_bytes, exact=False)
         vrow, vm = run("ders verify --against", ders("verify", str(archive), "--against",
                                                      str(ck.folder), "--json", "--quiet"),
                        crow.output_bytes + size, None, compressed=crow.output_bytes)
@@ -214,6 +231,13 @@ def bench_size(gb: float, work: Path, cache: CacheControl, shard_gb: float | Non
             vrow.ok = vrow.ok and report["ok"]
             vrow.note = (f"{'ok' if report['ok'] else 'FAILED'}, max rel. error "
                          f"{report['max_rel_error']:.2e}")
+    exact = work / "exact.ders"
+    lrow, _ = run("ders compress --lossless",
+                  ders("compress", str(ck.folder), "--lossless", "-o", str(exact), "--json",
+                       "--quiet"), size, exact)
+    if lrow.ok:
+        expand_and_compare("ders expand (lossless)", exact, lrow.output_bytes, exact=True)
+    exact.unlink(missing_ok=True)
     if not keep:
         archive.unlink(missing_ok=True)
         shutil.rmtree(ck.folder, ignore_errors=True)
@@ -221,6 +245,14 @@ def bench_size(gb: float, work: Path, cache: CacheControl, shard_gb: float | Non
     for r in rows:
         r.baseline_seconds = baseline
     return rows
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _size_of(path: Path) -> int:
@@ -278,7 +310,7 @@ def flatness(rows: list[Row]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Benchmark ders against read+write and zstd.")
+    ap = argparse.ArgumentParser(description="Benchmark ders against read+write, zstd, xz.")
     ap.add_argument("--sizes", default="0.25,1", help="checkpoint sizes in GB, comma-separated")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     ap.add_argument("--shard-gb", type=float, default=None,
@@ -286,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=1024, help="hidden size of the model")
     ap.add_argument("--no-drop-cache", action="store_true",
                     help="never drop the page cache (it is system-wide)")
+    ap.add_argument("--xz-max-gb", type=float, default=XZ_MAX_GB,
+                    help="run the (slow) xz baseline only at sizes up to this")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     a = ap.parse_args(argv)
@@ -310,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         for gb in sizes:
             size_dir = work / f"{gb:g}gb"
             size_dir.mkdir()
-            rows += bench_size(gb, size_dir, cache, a.shard_gb, a.hidden, a.keep, log)
+            rows += bench_size(gb, size_dir, cache, a.shard_gb, a.hidden, a.keep, log,
+                               a.xz_max_gb)
     finally:
         if a.keep:
             log(f"kept {work}")
@@ -335,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         "Codec theory (compress): bf16 base per group + per expert the kept bf16 values and an "
         f"8-byte seed (drop {DROP:g}) or {BITS}-bit codes + bf16 scale and offset per "
         f"{GROUP_SIZE} elements; plus untouched tensors, shard headers and side files.",
+        f"xz: Python's lzma, preset {XZ_PRESET} (64 MiB dictionary), one thread, at sizes up to "
+        f"{a.xz_max_gb:g} GB. Lossless: every expert bit for bit (base and residuals zstd-coded, "
+        "docs/FORMAT.md); its expand row compares the sha256 of every restored file.",
     ]
     print("\n".join(f"- {n}" for n in notes))
     if a.json:

@@ -7,6 +7,7 @@ Everything the ``ders`` command does is a function here::
     report = ders.inspect_model("model/")
     result = ders.compress("model/", ders.SparseSpec(drop=0.9), "model.ders")
     result = ders.compress("model/", ders.QuantSpec(bits=2), "q2.ders")
+    result = ders.compress("model/", ders.LosslessSpec(), "exact.ders")
     ders.verify("model.ders", against="model/")
     ders.expand("model.ders", "restored/")
 """
@@ -18,7 +19,7 @@ if sys.byteorder != "little":  # safetensors and the archive are little-endian o
 
 from .archive import ArchiveReader
 from .compress import CompressResult, compress
-from .decompose import QuantSpec, SparseSpec
+from .decompose import LosslessSpec, QuantSpec, SparseSpec
 from .errors import (
     CorruptArchiveError,
     DersError,
@@ -48,6 +49,7 @@ __all__ = [
     "ExpandResult",
     "InputError",
     "InspectReport",
+    "LosslessSpec",
     "NewerFormatError",
     "OutputExistsError",
     "QuantSpec",

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from .codecs import DeltaCodec, get_codec
+from .codecs.bases import stored_base_dtype
 from .constants import (
+    BASE_RAW,
     COPY_CHUNK,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -123,7 +125,7 @@ class ArchiveWriter:
             "__metadata__": {
                 HEADER_HASH_KEY: "0" * HASH_HEX_LEN,
                 META_FORMAT: FORMAT_NAME,
-                META_VERSION: str(FORMAT_VERSION),
+                META_VERSION: str(manifest.version),
                 META_MANIFEST: manifest.to_json(),
             }
         }
@@ -236,7 +238,9 @@ class ArchiveReader:
         for f in m.files:
             self._expect_array(f.array, "U8", (f.size,))
         for g in m.groups:
-            self._expect_array(g.base["array"], g.dtype, g.shape)
+            raw = g.base_encoding == BASE_RAW
+            self._expect_array(g.base["array"], stored_base_dtype(g.base_encoding, g.dtype),
+                               g.shape if raw else None)
             if g.codec["name"] not in DeltaCodec.registry:
                 raise NewerFormatError(f"group {g.key!r} uses codec {g.codec['name']!r}, which "
                                        "this ders does not know: upgrade ders", self.path)
@@ -252,12 +256,14 @@ class ArchiveReader:
             for suffix, (dtype, shape) in planned.items():
                 self._expect_array(g.codec["arrays"][suffix], dtype, shape)
 
-    def _expect_array(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    def _expect_array(self, name: str, dtype: str, shape: tuple[int, ...] | None) -> None:
+        """``shape`` None: any one-dimensional array (an encoded base)."""
         e = self.header.tensors[name]
-        if e.dtype != dtype or e.shape != tuple(shape):
+        if e.dtype != dtype or (e.shape != tuple(shape) if shape is not None
+                                else len(e.shape) != 1):
             raise CorruptArchiveError(
                 f"array {name!r} is {e.dtype} {list(e.shape)}, the manifest implies "
-                f"{dtype} {list(shape)}", self.path)
+                f"{dtype} {list(shape) if shape is not None else '[n]'}", self.path)
 
     def close(self) -> None:
         self._file.close()

@@ -17,7 +17,15 @@ import torch
 from .archive import ArchiveWriter
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
 from .choose import LADDER, TargetSpec, plan_target
-from .constants import DEFAULT_UPCYCLED_COS, GROUP_ARRAY_NAME, SHARD_HEADER_NAME, SIDE_FILE_NAME
+from .codecs import get_codec
+from .codecs.bases import stored_base
+from .constants import (
+    BASE_RAW,
+    DEFAULT_UPCYCLED_COS,
+    GROUP_ARRAY_NAME,
+    SHARD_HEADER_NAME,
+    SIDE_FILE_NAME,
+)
 from .decompose import CodecSpec, EncodedGroup, encode_group
 from .dense_base import DenseMatcher
 from .detect import Found, find_groups
@@ -28,7 +36,15 @@ from .lanes import Lane, compute_threads, release_memory
 from .outputs import check_new_output
 from .plan import estimate_header, units
 from .progress import Reporter, Silent
-from .records import ExpertGroup, FileRecord, GroupRecord, Manifest, ShardRecord, TensorRecord
+from .records import (
+    ExpertGroup,
+    FileRecord,
+    GroupRecord,
+    Manifest,
+    ShardRecord,
+    TensorRecord,
+    required_version,
+)
 
 
 @dataclass
@@ -82,8 +98,8 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec, out: str | Path | 
              use_shared: bool = True, all_groups: bool = False, overwrite: bool = False,
              device: str = "auto", reporter: Reporter | None = None,
              reserve: int | None = None) -> CompressResult:
-    """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec)
-    or one chosen per group (TargetSpec: --max-error, --target-size).
+    """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
+    LosslessSpec) or one chosen per group (TargetSpec: --max-error, --target-size).
 
     ``base``: "mean" or a dense checkpoint. A group is decomposed when every member has cosine
     ``threshold`` or more to its base; other groups are stored as they are, unless
@@ -194,6 +210,7 @@ class _Job:
             groups=tuple(self.records),
             passthrough_groups=tuple(self.passthrough),
             stored=w.stored_sha256,
+            version=required_version(self.records),
         )
         return w.finish(manifest)
 
@@ -255,6 +272,10 @@ class _Job:
             self.warn(f"{g.key}: {reason}; compressed anyway (--all-groups)")
         gid = len(self.records)
         base_rec["array"] = GROUP_ARRAY_NAME.format(group=gid, array="base")
+        encoding = get_codec(spec.codec).base_encoding
+        base, base_dtype = stored_base(enc.base, encoding, g.dtype)
+        if encoding != BASE_RAW:  # raw bases are recorded as in version 1: no field
+            base_rec["encoding"] = encoding
         arrays = {suffix: GROUP_ARRAY_NAME.format(group=gid, array=suffix)
                   for suffix in enc.arrays}
         self.records.append(GroupRecord(
@@ -265,7 +286,7 @@ class _Job:
         for i, m in enumerate(g.members):
             self.tensors[m.tensor] = TensorRecord(self.ckpt.where[m.tensor][0], shas[m.tensor],
                                                   gid, i if m.slice is None else None)
-        stored = [(base_rec["array"], enc.base, g.dtype)] + [
+        stored = [(base_rec["array"], base, base_dtype)] + [
             (arrays[k], t, None) for k, t in enc.arrays.items()]
         writer.submit(self._store, w, stored, g.nbytes)
         summary.stored_bytes = sum(t.numel() * t.element_size() for _, t, _ in stored)

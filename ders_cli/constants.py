@@ -8,7 +8,7 @@ from __future__ import annotations
 # --- the .ders archive -------------------------------------------------------------------------
 
 FORMAT_NAME = "ders"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this ders reads; it writes the oldest that suffices
 
 # The safetensors header of an archive begins with exactly these bytes, then 64 lowercase hex
 # digits of the header hash, then a closing quote. A fixed position lets any reader find the
@@ -25,6 +25,12 @@ RESERVED_PREFIX = "ders/"
 SHARD_HEADER_NAME = "ders/shard/{index}/header"
 SIDE_FILE_NAME = "ders/file/{index}"
 GROUP_ARRAY_NAME = "ders/g/{group}/{array}"
+
+# How a group's base is stored (docs/FORMAT.md, "Encoded bases"), and the format version that
+# introduced each encoding: an archive is written in the oldest version that holds all of its.
+BASE_RAW = "raw"  # an array of the group's dtype and shape
+BASE_PLANES_ZSTD = "planes-zstd"  # a U8 array: one zstd frame of the base's byte planes
+BASE_ENCODING_VERSION = {BASE_RAW: 1, BASE_PLANES_ZSTD: 2}
 
 # --- safetensors -------------------------------------------------------------------------------
 
@@ -60,11 +66,19 @@ DTYPE_BITS: dict[str, int] = {
 
 # The dtypes whose experts ders can decompose. Others always pass through byte for byte.
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# (exponent bits, mantissa bits) of each: the lossless codec orders elements by exponent.
+FLOAT_FIELDS: dict[str, tuple[int, int]] = {
+    "F64": (11, 52),
+    "F32": (8, 23),
+    "F16": (5, 10),
+    "BF16": (8, 7),
+}
 
 # --- codecs ------------------------------------------------------------------------------------
 
 CODEC_SPARSE = "sparse"
 CODEC_QUANT = "quant"
+CODEC_LOSSLESS = "lossless"
 QUANT_BITS = (1, 2, 3, 4, 8)
 DEFAULT_GROUP_SIZE = 128
 # Per-group scale and offset of the quant codec are stored in this dtype (8 significant bits

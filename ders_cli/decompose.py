@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .codecs import QuantCodec, SparseCodec, SparseDelta, compute_dtype, get_codec
+from .codecs import (
+    ExactCodec,
+    ExactDelta,
+    LosslessCodec,
+    QuantCodec,
+    SparseCodec,
+    SparseDelta,
+    compute_dtype,
+    get_codec,
+)
 from .codecs.quant import METHODS
 from .codecs.sparse import MASKS, RESCALES
 from .constants import DEFAULT_GROUP_SIZE, QUANT_BITS
@@ -92,7 +101,24 @@ class QuantSpec:
         return f"{self.bits}-bit" + ("" if self.method == "mse" else f" {self.method}")
 
 
-CodecSpec = SparseSpec | QuantSpec
+@dataclass(frozen=True)
+class LosslessSpec:
+    """Every expert bit for bit: the base plus a zstd-coded residual of each expert's bits."""
+
+    codec: str = field(default=LosslessCodec.name, init=False)
+
+    def check(self) -> None:
+        pass  # nothing to choose
+
+    def params(self, group: ExpertGroup) -> dict:
+        return LosslessCodec.params()
+
+    @property
+    def label(self) -> str:
+        return "lossless"
+
+
+CodecSpec = SparseSpec | QuantSpec | LosslessSpec
 
 
 def sparse_label(drop: float, mask: str, rescale: str | None, value_bits: int | None) -> str:
@@ -149,6 +175,8 @@ def synthesize(base: torch.Tensor, codec: str, params: dict, rows: dict[str, tor
     cd = compute_dtype(dtype)
     flat = base.reshape(-1)
     delta = get_codec(codec).decode(rows, params, member, flat.numel(), dtype)
+    if isinstance(delta, ExactDelta):
+        return delta.apply(flat)
     if isinstance(delta, SparseDelta):
         pos = delta.positions
         kept = torch.index_select(flat if base_c is None else base_c, 0, pos).to(cd)
@@ -184,9 +212,14 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
         delta = torch.sub(w, base_c)
         d_norm = norm(delta)
         cos_base.append(_six(cos_from_norms(w_norm, base_norm, d_norm)))
-        row, decoded = impl.encode_member(delta, dtype, params, i)
+        if issubclass(impl, ExactCodec):
+            row, decoded = impl.encode_exact(flat[i], base_flat, dtype, params, i)
+        else:
+            row, decoded = impl.encode_member(delta, dtype, params, i)
         rows.append(row)
-        if isinstance(decoded, SparseDelta):
+        if isinstance(decoded, ExactDelta):
+            recon, r_norm, e_norm = _exact_recon(base_flat, w, decoded)
+        elif isinstance(decoded, SparseDelta):
             recon, r_norm, e_norm = _sparse_recon(base_flat, base_c, base_norm, w, d_norm,
                                                   decoded)
         else:
@@ -210,6 +243,14 @@ def _dense_recon(base_c: torch.Tensor, w: torch.Tensor, decoded: torch.Tensor,
     recon_c = decoded.copy_(recon)
     r_norm = norm(recon_c)
     return recon, r_norm, norm(recon_c.sub_(w))
+
+
+def _exact_recon(base_flat: torch.Tensor, w: torch.Tensor, decoded: ExactDelta
+                 ) -> tuple[torch.Tensor, float, float]:
+    """As ``_dense_recon`` for an exact codec: the member from the base's bits, no arithmetic."""
+    recon = decoded.apply(base_flat)
+    recon_c = recon.to(w.dtype, copy=True)  # a copy: the reconstruction is hashed meanwhile
+    return recon, norm(recon_c), norm(recon_c.sub_(w))
 
 
 def _sparse_recon(base_flat: torch.Tensor, base_c: torch.Tensor, base_norm: float,

@@ -17,6 +17,7 @@ import torch
 
 from .archive import ArchiveReader
 from .codecs import compute_dtype, get_codec
+from .codecs.bases import load_base
 from .decompose import synthesize
 from .device import resolve_device
 from .errors import CorruptArchiveError
@@ -64,21 +65,29 @@ class GroupArrays:
     base: torch.Tensor  # flat, in the group's dtype
     base_c: torch.Tensor  # flat, in the compute dtype
     arrays: dict[str, torch.Tensor]
+    archive: Path | None = None  # named by errors
 
     def member(self, i: int) -> torch.Tensor:
         g = self.record
         rows = get_codec(g.codec["name"]).member_rows(self.arrays, g.codec["params"], i)
-        return synthesize(self.base, g.codec["name"], g.codec["params"], rows, i, g.dtype,
-                          self.base_c)
+        try:
+            return synthesize(self.base, g.codec["name"], g.codec["params"], rows, i, g.dtype,
+                              self.base_c)
+        except ValueError as exc:  # stored bytes that do not decode (an entropy coder's)
+            raise CorruptArchiveError(f"group {g.key!r}: {exc}", self.archive) from None
 
 
 def group_arrays(reader: ArchiveReader, g: GroupRecord,
                  device: torch.device | None = None) -> GroupArrays:
     """Read a group's base and arrays (checksums verified) and put them on ``device``."""
     device = device or torch.device("cpu")
-    base = reader.array(g.base["array"]).reshape(-1).to(device)
+    try:
+        base = load_base(reader.array(g.base["array"]), g.base_encoding, g.dtype, g.numel)
+    except ValueError as exc:
+        raise CorruptArchiveError(f"group {g.key!r}: base is {exc}", reader.path) from None
+    base = base.to(device)
     arrays = {k: reader.array(name).to(device) for k, name in g.codec["arrays"].items()}
-    return GroupArrays(g, base, base.to(compute_dtype(g.dtype)), arrays)
+    return GroupArrays(g, base, base.to(compute_dtype(g.dtype)), arrays, reader.path)
 
 
 def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: bool = False,

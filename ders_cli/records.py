@@ -11,7 +11,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constants import DTYPE_BITS, FLOAT_DTYPES, FORMAT_NAME, FORMAT_VERSION
+from .constants import (
+    BASE_ENCODING_VERSION,
+    BASE_RAW,
+    DTYPE_BITS,
+    FLOAT_DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+)
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
@@ -111,7 +118,8 @@ class GroupRecord:
     members: tuple[Member, ...]
     dtype: str
     shape: tuple[int, ...]
-    base: dict[str, Any]  # {"kind": "mean" | "dense", "array": name, ["source": dense tensor]}
+    base: dict[str, Any]  # {"kind": "mean" | "dense", "array": name, ["source": dense tensor],
+    #                        ["encoding": how the array stores it, when not "raw"]}
     codec: dict[str, Any]  # {"name": ..., "params": {...}, "arrays": {suffix: name}}
     recon_sha256: tuple[str, ...]  # of each synthesized member, so synthesis is checked too
     rel_error: tuple[float, ...]  # ||W - W_hat|| / ||W|| measured when the archive was written
@@ -127,6 +135,11 @@ class GroupRecord:
     @property
     def tensors(self) -> list[str]:
         return tensors_of(self.members)
+
+    @property
+    def base_encoding(self) -> str:
+        """How the base array stores the base; version-1 records name none: raw."""
+        return self.base.get("encoding", BASE_RAW)
 
 
 @dataclass(frozen=True)
@@ -250,6 +263,12 @@ class Manifest:
         )
 
 
+def required_version(groups: tuple[GroupRecord, ...]) -> int:
+    """The oldest format version that holds these groups: 1 unless a base is encoded, so that
+    older readers read every archive that needs nothing newer."""
+    return max([1] + [BASE_ENCODING_VERSION[g.base_encoding] for g in groups])
+
+
 def _group(g: Any, ref: Any) -> GroupRecord:
     _expect(isinstance(g, dict), "group record is not an object")
     key = _str(g, "key")
@@ -267,6 +286,8 @@ def _group(g: Any, ref: Any) -> GroupRecord:
     _expect(isinstance(base, dict) and base.get("kind") in ("mean", "dense"),
             f"group {key!r}: bad base")
     ref(base.get("array"), f"group {key!r} base")
+    _expect(base.get("encoding", BASE_RAW) in BASE_ENCODING_VERSION,
+            f"group {key!r}: unknown base encoding {base.get('encoding')!r}")
     codec = g.get("codec")
     _expect(isinstance(codec, dict) and isinstance(codec.get("name"), str)
             and isinstance(codec.get("params"), dict) and isinstance(codec.get("arrays"), dict),

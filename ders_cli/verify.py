@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .archive import ArchiveReader
@@ -63,6 +64,8 @@ class VerifyReport:
     passthrough_exact: int = 0
     archive_bytes: int = 0
     checkpoint_bytes: int = 0  # the checkpoint the archive holds: shards and side files
+    experts_compared: int = 0  # synthesized experts compared with the model (--against)
+    experts_exact: int = 0  # of those, the ones bit for bit the original
     groups: list[GroupCheck] = field(default_factory=list)
 
     @property
@@ -244,6 +247,8 @@ def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport) -> Gr
         if hashlib.sha256(tensor_bytes(w_hat)).hexdigest() != g.recon_sha256[i]:
             report.fail(f"{member.label!r}: synthesis does not reproduce the recorded bytes")
         if f.original is not None:
+            report.experts_compared += 1
+            report.experts_exact += _same_bytes(w_hat, f.original[i])
             wc = f.original[i].reshape(-1).to(cd)
             hc = w_hat.to(cd)
             w_norm, e_norm = norm(wc), norm(hc - wc)
@@ -261,3 +266,7 @@ def projection_of(key: str) -> str:
     head, _, tail = key.partition("{E}")
     tail = tail.strip(".").removesuffix("weight").strip(".")
     return tail or head.strip(".").rsplit(".", 1)[-1]
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(np.array_equal(np.asarray(tensor_bytes(a)), np.asarray(tensor_bytes(b))))

@@ -54,3 +54,29 @@ def pack_bits(codes: list[int], bits: int) -> bytes:
     for j, c in enumerate(codes):
         stream |= c << (j * bits)
     return stream.to_bytes((len(codes) * bits + 7) // 8, "little")
+
+
+# Section 5.4: a lossless member from the base's words and its frame's words, as written there.
+FLOAT_FIELDS = {"F64": (8, 11, 52), "F32": (4, 8, 23), "F16": (2, 5, 10), "BF16": (2, 8, 7)}
+
+
+def lossless_member(base: list[int], z: list[int], dtype: str) -> list[int]:
+    w, e, m = FLOAT_FIELDS[dtype]
+    bits = 8 * w
+    mask = (1 << bits) - 1
+
+    def ordered(u: int) -> int:
+        return u ^ ((u >> (bits - 1)) * ((1 << (bits - 1)) - 1))
+
+    key = [(b >> m) & ((1 << e) - 1) for b in base]
+    order = sorted(range(len(base)), key=lambda j: (key[j], j))
+    out = [0] * len(base)
+    for k, j in enumerate(order):
+        r = (z[k] >> 1) ^ ((0 - (z[k] & 1)) & mask)
+        out[j] = ordered((ordered(base[j]) + r) & mask)
+    return out
+
+
+def planes(words: list[int], width: int) -> bytes:
+    """Section 5.5: byte 0 of every word, then byte 1, ..."""
+    return bytes((x >> (8 * k)) & 0xFF for k in range(width) for x in words)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import ders_cli as ders
 from ders_cli.archive import header_hash
 from ders_cli.cli.app import app
-from ders_cli.constants import HEADER_PREFIX
+from ders_cli.constants import FORMAT_VERSION, HEADER_PREFIX
 from fixtures.synthetic import upcycled_tensors, write_model
 
 runner = CliRunner()
@@ -157,7 +157,8 @@ def newer_archive(model, tmp_path):
     ders.compress(model, ders.QuantSpec(2), dest)
     raw = bytearray(dest.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
-    header = raw[8 : 8 + n].replace(b'"ders.version":"1"', b'"ders.version":"2"')
+    newer = f'"ders.version":"{FORMAT_VERSION + 1}"'.encode()
+    header = raw[8 : 8 + n].replace(b'"ders.version":"1"', newer)
     header[len(HEADER_PREFIX) : len(HEADER_PREFIX) + 64] = header_hash(bytes(raw[:8]),
                                                                         bytes(header)).encode()
     dest.write_bytes(bytes(raw[:8] + header + raw[8 + n :]))
@@ -167,7 +168,8 @@ def newer_archive(model, tmp_path):
 @pytest.mark.parametrize("cmd", ["expand", "verify"])
 def test_archive_from_a_newer_version(model, tmp_path, cmd):
     dest = newer_archive(model, tmp_path)
-    assert_refused(run(cmd, dest), "a.ders", "format version 2", "upgrade ders")
+    assert_refused(run(cmd, dest), "a.ders", f"format version {FORMAT_VERSION + 1}",
+                   "upgrade ders")
     nothing_written(tmp_path, "model", "a.ders")
 
 

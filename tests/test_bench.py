@@ -70,7 +70,9 @@ def test_benchmark_runs_end_to_end(tmp_path):
                str(tmp_path / "work"), "--json", str(out)])
     doc = json.loads(out.read_text())
     assert rc == 0, doc
-    assert [r["ok"] for r in doc["rows"]] == [True] * 7
+    assert [r["ok"] for r in doc["rows"]] == [True] * 11
+    exact = next(r for r in doc["rows"] if r["command"] == "ders expand (lossless)")
+    assert "bit-exact" in exact["note"]
     compress = next(r for r in doc["rows"] if r["command"].startswith("ders compress"))
     assert compress["output_bytes"] >= compress["theory_bytes"]
     assert not any((tmp_path / "work").iterdir())  # cleaned up

@@ -1,4 +1,4 @@
-"""ders compress MODEL --drop P and ders quantize MODEL --bits K"""
+"""ders compress MODEL --drop P | --lossless and ders quantize MODEL --bits K"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 from ..choose import TargetSpec, parse_fraction
 from ..compress import CompressResult, compress
 from ..constants import DEFAULT_GROUP_SIZE
-from ..decompose import CodecSpec, QuantSpec, SparseSpec
+from ..decompose import CodecSpec, LosslessSpec, QuantSpec, SparseSpec
 from ..errors import UsageError
 from .console import RichReporter, human_bytes, natural_key, out, print_json, reported
 from .options import (
@@ -43,6 +43,9 @@ def compress_cmd(
         "--max-error", help="Instead of --drop: the largest relative error of any expert; "
                             "per group the cheapest setting within it.",
         show_default=False)] = None,
+    lossless: Annotated[bool, typer.Option(
+        "--lossless", help="Instead of --drop: store every expert bit for bit (base plus "
+                           "zstd-coded residuals).")] = False,
     out_path: OutOpt = None,
     mask: Annotated[str, typer.Option(
         "--mask", help="random: the paper's seeded mask (nothing stored but a seed); "
@@ -65,11 +68,12 @@ def compress_cmd(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """DeRS sparsification: one base per expert group plus sparse deltas, into a .ders file.
-    With --target-size or --max-error, the setting is chosen per group instead."""
+    """DeRS sparsification (--drop), lossless storage (--lossless), or a setting chosen per
+    group (--target-size, --max-error): one base per expert group plus a delta per expert, into
+    a .ders file."""
     with reported():
-        spec = _spec(drop, target_size, max_error, SparseSpec(drop or 0.0, seed, mask, rescale,
-                                                                 bits, group_size))
+        spec = compress_spec(drop, lossless, target_size, max_error,
+                             SparseSpec(drop or 0.0, seed, mask, rescale, bits, group_size))
     _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
          use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force)
 
@@ -97,15 +101,20 @@ def quantize_cmd(
          overwrite=force)
 
 
-def _spec(drop: float | None, target_size: str | None, max_error: float | None,
-          sparse: SparseSpec) -> CodecSpec | TargetSpec:
-    given = [name for name, v in (("--drop", drop), ("--target-size", target_size),
-                                  ("--max-error", max_error)) if v is not None]
+def compress_spec(drop: float | None, lossless: bool, target_size: str | None,
+                  max_error: float | None, sparse: SparseSpec) -> CodecSpec | TargetSpec:
+    """Exactly one of --drop P, --lossless, --target-size F and --max-error E."""
+    given = [name for name, v in (("--drop", drop), ("--lossless", lossless or None),
+                                  ("--target-size", target_size), ("--max-error", max_error))
+             if v is not None]
     if len(given) != 1:
-        raise UsageError("give exactly one of --drop, --target-size and --max-error"
-                         + (f" (got {', '.join(given)})" if given else ""))
+        raise UsageError("compress needs exactly one of --drop P (DeRS sparsification), "
+                         "--lossless (every expert bit for bit), --target-size F and "
+                         "--max-error E" + (f" (got {', '.join(given)})" if given else ""))
     if drop is not None:
         return sparse
+    if lossless:
+        return LosslessSpec()
     fraction = parse_fraction(target_size) if target_size is not None else None
     return TargetSpec(max_error=max_error, target_size=fraction)
 

@@ -62,6 +62,8 @@ def show(r: VerifyReport) -> None:
         err.print(f"[bold red]FAIL:[/] {p}", soft_wrap=True)
     if r.ok:
         exact = f", {r.passthrough_exact} passthrough tensors bit-exact" if r.against else ""
+        if r.experts_exact:
+            exact += f", {r.experts_exact} of {r.experts_compared} experts bit-exact"
         out.print(f"[green]OK[/]: {r.archive}: {r.stored_arrays} stored arrays intact, "
                   f"{r.tensors} tensors{exact}")
     else:

@@ -1,8 +1,17 @@
 """Delta codecs: pure functions from a group's deltas to stored arrays and back."""
 
-from .base import Decoded, DeltaCodec, SparseDelta, compute_dtype, get_codec
+from .base import (
+    Decoded,
+    DeltaCodec,
+    ExactCodec,
+    ExactDelta,
+    SparseDelta,
+    compute_dtype,
+    get_codec,
+)
+from .lossless import LosslessCodec
 from .quant import QuantCodec
 from .sparse import SparseCodec
 
-__all__ = ["Decoded", "DeltaCodec", "QuantCodec", "SparseCodec", "SparseDelta", "compute_dtype",
-           "get_codec"]
+__all__ = ["Decoded", "DeltaCodec", "ExactCodec", "ExactDelta", "LosslessCodec", "QuantCodec",
+           "SparseCodec", "SparseDelta", "compute_dtype", "get_codec"]

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..constants import BASE_RAW
+
 ArraySpec = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
 
 
@@ -25,7 +27,18 @@ class SparseDelta:
     values: torch.Tensor
 
 
-Decoded = torch.Tensor | SparseDelta
+class ExactDelta(ABC):
+    """A decoded delta that is no float: what turns the base's bits into the member's exact
+    bits (a lossless codec's residual). A float delta cannot do that: ``cast(base + delta)``
+    rounds, and ``member - base`` may not even be representable."""
+
+    @abstractmethod
+    def apply(self, base: torch.Tensor) -> torch.Tensor:
+        """The member, flattened, in the base's dtype and on its device, from the flattened
+        base."""
+
+
+Decoded = torch.Tensor | SparseDelta | ExactDelta
 
 
 def compute_dtype(dtype: str) -> torch.dtype:
@@ -37,11 +50,14 @@ class DeltaCodec(ABC):
     """One way of storing the deltas of a group. Subclasses register themselves by ``name``."""
 
     name: ClassVar[str]
+    # How the writer stores the group's base with this codec (docs/FORMAT.md, "Encoded bases").
+    base_encoding: ClassVar[str] = BASE_RAW
     registry: ClassVar[dict[str, type[DeltaCodec]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        DeltaCodec.registry[cls.name] = cls
+        if "name" in vars(cls):  # not the abstract families (ExactCodec)
+            DeltaCodec.registry[cls.name] = cls
 
     @classmethod
     @abstractmethod
@@ -90,6 +106,23 @@ class DeltaCodec(ABC):
     @abstractmethod
     def validate(cls, params: dict, members: int, numel: int) -> None:
         """Raise ValueError when parameters (from a manifest or a user) are out of range."""
+
+
+class ExactCodec(DeltaCodec):
+    """A codec that stores members bit for bit: it encodes each member against the base's
+    bits (not a float delta) and decodes to an ExactDelta."""
+
+    @classmethod
+    @abstractmethod
+    def encode_exact(cls, member: torch.Tensor, base: torch.Tensor, dtype: str, params: dict,
+                     index: int) -> tuple[dict[str, torch.Tensor], ExactDelta]:
+        """Encode member ``index`` (flattened, in the group's dtype) against the base (the
+        same): its row of every array, and what decoding will give."""
+
+    @classmethod
+    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int
+                      ) -> tuple[dict[str, torch.Tensor], Decoded]:
+        raise TypeError(f"codec {cls.name!r} encodes members, not deltas: use encode_exact")
 
 
 def get_codec(name: str) -> type[DeltaCodec]:

@@ -1,0 +1,36 @@
+"""How a group's base is stored (docs/FORMAT.md, "Encoded bases"): as it is, an array of the
+group's dtype and shape, or encoded. In a lossless archive of 4 experts the base is about half
+of the bytes, so the lossless codec stores it compressed too (byte planes in a zstd frame: about
+two thirds of its size)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..constants import BASE_RAW, DTYPE_BITS
+from ..safetensors_io import TORCH_DTYPES
+from .planes import pack, tensor_of, unpack, words_of
+
+
+def stored_base(base: torch.Tensor, encoding: str, dtype: str) -> tuple[torch.Tensor, str]:
+    """The array that stores ``base`` (a tensor of ``dtype``) and that array's dtype."""
+    if encoding == BASE_RAW:
+        return base, dtype
+    frame = pack(words_of(base))
+    return torch.frombuffer(bytearray(frame), dtype=torch.uint8), "U8"
+
+
+def stored_base_dtype(encoding: str, dtype: str) -> str:
+    """The dtype of a stored base array; raw bases also have the group's shape, encoded ones
+    are one-dimensional."""
+    return dtype if encoding == BASE_RAW else "U8"
+
+
+def load_base(array: torch.Tensor, encoding: str, dtype: str, numel: int) -> torch.Tensor:
+    """The base, flattened, in ``dtype``, from its stored array. Raises ValueError when an
+    encoded base does not decode to ``numel`` elements."""
+    if encoding == BASE_RAW:
+        return array.reshape(-1)
+    words = unpack(array.cpu().numpy(), numel, DTYPE_BITS[dtype] // 8)
+    return tensor_of(words, TORCH_DTYPES[dtype])
+

@@ -1,0 +1,99 @@
+"""Words stored as byte planes in one zstd frame: the lossless codec's residuals and encoded bases.
+
+The bytes of a float hold different things: the top byte of a bf16 is its sign and exponent (a
+few distinct values), the low byte mostly mantissa (nearly random). Interleaved, an entropy coder
+sees one mixed distribution; split into planes (byte 0 of every word, then byte 1, ...), each
+plane gets statistics of its own. zstd (RFC 8878) is the entropy coder: any conforming decoder
+reads these frames; the settings below are only this writer's choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import zstandard
+
+# Unsigned words by width in bytes, and the signed types torch can view floats as.
+WORD_TYPES: dict[int, type[np.unsignedinteger]] = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_TORCH_INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NUMPY_INTS = {2: np.int16, 4: np.int32, 8: np.int64}
+
+# Measured on real upcycled bf16 experts (docs/FORMAT.md, "Lossless"): residual planes are almost
+# all literals of low entropy, where the chance matches that zstd's greedy and lazy strategies
+# take (any level up to 15) cost ~8% over the literals' entropy. The optimal parser (btopt)
+# prices them and refuses; with the smallest search tables it is as small as level 19 and about
+# ten times faster. A 128 KiB window is one block: matches are rare anyway.
+_PARAMS = zstandard.ZstdCompressionParameters(
+    strategy=zstandard.STRATEGY_BTOPT, window_log=17, hash_log=6, chain_log=6, search_log=1,
+    min_match=7, target_length=999, write_content_size=True, write_checksum=False)
+# A new block (with its own entropy tables) starts where the caller says the statistics change,
+# once at least this many bytes are pending: a table costs tens of bytes.
+MIN_BLOCK = 4096
+
+
+def plane_bytes(words: np.ndarray) -> np.ndarray:
+    """``[width, n]`` bytes: row k holds byte k (little-endian) of every word, in order."""
+    t = words.dtype.type
+    out = np.empty((words.dtype.itemsize, words.shape[0]), dtype=np.uint8)
+    for k in range(out.shape[0]):
+        out[k] = words >> t(8 * k)  # shifts, not a strided transpose: several times faster
+    return out
+
+
+def from_planes(planes: np.ndarray) -> np.ndarray:
+    """The inverse of ``plane_bytes``."""
+    width = planes.shape[0]
+    t = WORD_TYPES[width]
+    words = planes[0].astype(t)
+    for k in range(1, width):
+        words |= planes[k].astype(t) << t(8 * k)
+    return words
+
+
+def pack(words: np.ndarray, cuts: Sequence[int] = ()) -> bytes:
+    """One zstd frame of the byte planes of ``words`` (1-D, unsigned), its size recorded in the
+    frame header. ``cuts``: ascending element indices where the data's statistics change; the
+    encoder begins a block there (and at every plane), so each part is coded on its own."""
+    planes = plane_bytes(words)
+    n = words.shape[0]
+    bounds = [c for c in cuts if 0 < c < n] + [n]
+    out = []
+    z = zstandard.ZstdCompressor(compression_params=_PARAMS).compressobj(size=planes.size)
+    for plane in planes:
+        start = pending = 0
+        for end in bounds:
+            out.append(z.compress(plane[start:end]))
+            pending += end - start
+            start = end
+            if pending >= MIN_BLOCK or end == n:
+                out.append(z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+                pending = 0
+    out.append(z.flush())
+    return b"".join(out)
+
+
+def unpack(frame: bytes | memoryview, n: int, width: int) -> np.ndarray:
+    """The ``n`` words of ``width`` bytes whose planes ``frame`` holds: exactly one zstd frame
+    of ``n * width`` bytes. Raises ValueError for anything else."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=n * width,
+                                                      allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"not one zstd frame ({exc})") from None
+    if len(raw) != n * width:
+        raise ValueError(f"zstd frame holds {len(raw)} bytes, expected {n * width}")
+    return from_planes(np.frombuffer(raw, dtype=np.uint8).reshape(width, n))
+
+
+def words_of(t: torch.Tensor) -> np.ndarray:
+    """The bits of a float tensor as unsigned words (flattened, on the CPU; a view if it can)."""
+    width = t.element_size()
+    return t.detach().cpu().reshape(-1).view(_TORCH_INTS[width]).numpy().view(WORD_TYPES[width])
+
+
+def tensor_of(words: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Words back as a flat float tensor of ``dtype`` (sharing their memory)."""
+    signed = words.view(_NUMPY_INTS[words.dtype.itemsize])
+    return torch.from_numpy(signed).view(dtype)
