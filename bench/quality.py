@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 import ders_cli as ders
-from ders_cli import QuantSpec, SparseSpec
+from ders_cli import LosslessSpec, QuantSpec, SparseSpec
 
 MAIN = [SparseSpec(0.5), SparseSpec(0.9), SparseSpec(0.99), QuantSpec(8), QuantSpec(4),
-        QuantSpec(2), QuantSpec(1)]
+        QuantSpec(2), QuantSpec(1), LosslessSpec()]
 VARIANTS = [
     SparseSpec(0.9, rescale="none"), SparseSpec(0.9, rescale="norm"),
     SparseSpec(0.9, mask="magnitude"), SparseSpec(0.9, mask="magnitude", rescale="norm"),

@@ -6,7 +6,8 @@ kept unscaled in 4 bits (close to the base alone, at 0.04 bits an element), then
 and 8 bits. Every rung has a random mask or none, so its size is exact before encoding.
 
 ``--max-error E`` encodes a group at each rung from the cheapest up and keeps the first whose
-every member is within E. ``--target-size F`` needs no trial: stored sizes are known before
+every member is within E, or lossless storage when that is smaller (or nothing else is within
+E). ``--target-size F`` needs no trial: stored sizes are known before
 any data is read, so the budget left after everything that passes through is spread over the
 groups, each taking the richest rung that fits.
 """
@@ -25,6 +26,9 @@ LADDER: tuple[CodecSpec, ...] = (
     SparseSpec(0.99, rescale="none", value_bits=4),
     QuantSpec(1), QuantSpec(2), QuantSpec(3), QuantSpec(4), QuantSpec(8),
 )
+# From this rung up, --max-error also tries lossless and keeps the smaller (the lossless codec
+# compresses the base too: on real upcycled weights it stores less than 2 bits does).
+LOSSLESS_FROM = 2
 
 
 @dataclass(frozen=True)

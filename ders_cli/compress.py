@@ -16,7 +16,7 @@ import torch
 
 from .archive import ArchiveWriter
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
-from .choose import LADDER, TargetSpec, plan_target
+from .choose import LADDER, LOSSLESS_FROM, TargetSpec, plan_target
 from .codecs import get_codec
 from .codecs.bases import stored_base
 from .constants import (
@@ -26,7 +26,7 @@ from .constants import (
     SHARD_HEADER_NAME,
     SIDE_FILE_NAME,
 )
-from .decompose import CodecSpec, EncodedGroup, encode_group
+from .decompose import CodecSpec, EncodedGroup, LosslessSpec, encode_group
 from .dense_base import DenseMatcher
 from .detect import Found, find_groups
 from .device import resolve_device
@@ -143,6 +143,12 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec, out: str | Path | 
     )
 
 
+def _stored_bytes(encoded: tuple[CodecSpec, EncodedGroup, tuple[torch.Tensor, str]]) -> int:
+    _, enc, (base, _) = encoded
+    return base.numel() * base.element_size() + sum(
+        t.numel() * t.element_size() for t in enc.arrays.values())
+
+
 class _Job:
     """One compress run. The main thread does the arithmetic of one group while the reader
     lane fetches the next group and the writer lane stores what is done, in archive order."""
@@ -250,7 +256,7 @@ class _Job:
                 writer.submit(self._passthrough, files, w, c.member.tensor)
         # Encode first, decide after: the encoder measures every member's cosine to the base
         # on the way, and a group that is not upcycled is the rare case.
-        spec, enc = self._encode(loaded, hasher)
+        spec, enc, (base, base_dtype) = self._encode(loaded, hasher)
         summary.action, summary.setting = spec.codec, spec.label
         shas, base_rec = loaded.shas, dict(loaded.base_record)
         del loaded  # the group's weights: free them before the next group is read
@@ -273,7 +279,6 @@ class _Job:
         gid = len(self.records)
         base_rec["array"] = GROUP_ARRAY_NAME.format(group=gid, array="base")
         encoding = get_codec(spec.codec).base_encoding
-        base, base_dtype = stored_base(enc.base, encoding, g.dtype)
         if encoding != BASE_RAW:  # raw bases are recorded as in version 1: no field
             base_rec["encoding"] = encoding
         arrays = {suffix: GROUP_ARRAY_NAME.format(group=gid, array=suffix)
@@ -295,26 +300,37 @@ class _Job:
         self.summaries.append(summary)
 
     def _encode(self, loaded: LoadedGroup, hasher: ThreadPoolExecutor
-                ) -> tuple[CodecSpec, EncodedGroup]:
-        """The setting for this group and its encoding: the one asked for, the one planned
-        for --target-size, or the cheapest rung of the ladder within --max-error."""
+                ) -> tuple[CodecSpec, EncodedGroup, tuple[torch.Tensor, str]]:
+        """The setting for this group, its encoding and its stored base (array, dtype): the
+        setting asked for, the one planned for --target-size, or for --max-error the cheapest
+        rung of the ladder within it, or lossless when that stores fewer bytes."""
         g = loaded.group
-        if not isinstance(self.spec, TargetSpec):
-            candidates: tuple[CodecSpec, ...] = (self.spec,)
-        elif self.choices is not None:
-            candidates = (self.choices[g.key],)
-        else:
-            candidates = LADDER
-        for spec in candidates:
+
+        def encode(spec: CodecSpec) -> tuple[CodecSpec, EncodedGroup, tuple[torch.Tensor, str]]:
             enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,
                                spec.params(g), hasher, self.device)
-            limit = getattr(self.spec, "max_error", None)
-            not_upcycled = min(enc.cos_to_base) < self.threshold and not self.all_groups
-            if limit is None or not_upcycled or max(enc.rel_error) <= limit:
-                return spec, enc
-        self.warn(f"{g.key}: no setting meets --max-error {limit:g} (best: "
-                  f"{max(enc.rel_error):.2e} with {spec.label})")
-        return spec, enc
+            return spec, enc, stored_base(enc.base, get_codec(spec.codec).base_encoding, g.dtype)
+
+        if not isinstance(self.spec, TargetSpec):
+            return encode(self.spec)
+        if self.choices is not None:
+            return encode(self.choices[g.key])
+        limit = self.spec.max_error
+        met = len(LADDER)  # the rung that meets the limit; past the end when none does
+        for i, spec in enumerate(LADDER):
+            chosen = encode(spec)
+            enc = chosen[1]
+            if min(enc.cos_to_base) < self.threshold and not self.all_groups:
+                return chosen  # not upcycled: stored as it is whatever the setting
+            if max(enc.rel_error) <= limit:
+                met = i
+                break
+        rung = met
+        if rung >= LOSSLESS_FROM:  # the rungs of 2 bits and up can lose to lossless in size
+            exact = encode(LosslessSpec())
+            if rung == len(LADDER) or _stored_bytes(exact) < _stored_bytes(chosen):
+                return exact
+        return chosen
 
     def _store(self, w: ArchiveWriter, stored: list, nbytes: int) -> None:
         """Write a group's base and codec arrays (runs on the writer lane)."""

@@ -27,17 +27,31 @@ def test_the_ladder_is_ordered_by_size_and_error(model, tmp_path):
     assert sizes == sorted(sizes) and errors == sorted(errors, reverse=True)
 
 
+@pytest.fixture(scope="module")
+def rungs(model, tmp_path_factory):
+    """Each group's stored bytes and error at every rung of the ladder, and lossless."""
+    out = {}
+    folder = tmp_path_factory.mktemp("rungs")
+    for i, spec in enumerate((*LADDER, ders.LosslessSpec())):
+        for g in ders.compress(model, spec, folder / f"{i}.ders").groups:
+            out[g.key, spec.label] = (g.stored_bytes, g.max_rel_error)
+    return out
+
+
 @pytest.mark.parametrize("limit", [0.02, 0.004, 5e-4])
-def test_max_error_takes_the_cheapest_rung_within(model, tmp_path, limit):
+def test_max_error_takes_the_cheapest_setting_within(model, tmp_path, limit, rungs):
     result = ders.compress(model, TargetSpec(max_error=limit), tmp_path / "a.ders")
     report = ders.verify(tmp_path / "a.ders", against=model)
     assert report.ok and report.max_rel_error <= limit
     labels = [spec.label for spec in LADDER]
     for g in result.groups:
-        rung = labels.index(g.setting)
-        if rung > 0:  # the rung below would have broken the limit
-            below = ders.compress(model, LADDER[rung - 1], tmp_path / "b.ders", overwrite=True)
-            assert max(x.max_rel_error for x in below.groups if x.key == g.key) > limit
+        meeting = [lb for lb in labels if rungs[g.key, lb][1] <= limit]
+        cheapest = min(meeting, key=lambda lb: labels.index(lb)) if meeting else None
+        if g.setting == "lossless":  # smaller than the cheapest rung within the limit
+            assert g.max_rel_error == 0.0
+            assert cheapest is None or g.stored_bytes < rungs[g.key, cheapest][0]
+        else:
+            assert g.setting == cheapest
 
 
 @pytest.mark.parametrize("target", [0.45, 0.6, 0.8])
