@@ -109,11 +109,23 @@ class CacheControl:
             self._drop()
 
 
-def theory_bytes(ck: Synthetic, codec: str) -> int:
+def base_bytes(archive: Path) -> int:
+    """Bytes the archive's group bases take as stored (zstd-coded: their size depends on the
+    data), read from its header without importing ders (torch would count in every child's
+    peak memory)."""
+    with open(archive, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    manifest = json.loads(header["__metadata__"]["ders.manifest"])
+    spans = [header[g["base"]["array"]]["data_offsets"] for g in manifest["groups"]]
+    return sum(end - begin for begin, end in spans)
+
+
+def theory_bytes(ck: Synthetic, codec: str, bases: int) -> int:
     """The bytes DeRS needs in principle: untouched tensors, shard headers and side files as
-    they are; per group one bf16 base plus, per expert, either the kept bf16 values and an
-    8-byte mask seed (sparse) or packed codes and a bf16 scale and offset per group of
-    GROUP_SIZE elements (quant)."""
+    they are; the group bases as stored (``bases``); per expert either the kept bf16 values and
+    an 8-byte mask seed (sparse) or packed codes and a bf16 scale and offset per group of
+    GROUP_SIZE elements (quant). What the archive has beyond is its own overhead."""
     d = ck.dims
     experts = {n for n, _ in tensor_shapes(d) if ".experts." in n}
     total = sum(math.prod(s) * BF16 for n, s in tensor_shapes(d) if n not in experts)
@@ -124,9 +136,9 @@ def theory_bytes(ck: Synthetic, codec: str) -> int:
                 total += struct.unpack("<Q", f.read(8))[0]  # the header; its length is implied
         else:
             total += path.stat().st_size
+    total += bases
     for _, proj in ck.expert_groups:
         n = math.prod(d.proj_shape(proj))
-        total += BF16 * n
         if codec == "sparse":
             keep = math.floor(n * (1 - DROP) + 0.5)
             total += d.experts * (BF16 * keep + 8)
@@ -196,12 +208,14 @@ def bench_size(gb: float, work: Path, cache: CacheControl, shard_gb: float | Non
     crow, _ = run(f"ders compress --drop {DROP:g}",
                   ders("compress", str(ck.folder), "--drop", str(DROP), "-o", str(archive),
                        "--json", "--quiet"), size, archive)
-    crow.theory_bytes = theory_bytes(ck, "sparse")
+    if crow.ok:
+        crow.theory_bytes = theory_bytes(ck, "sparse", base_bytes(archive))
     q2 = work / "q2.ders"
     qrow, _ = run(f"ders quantize --bits {BITS}",
                   ders("quantize", str(ck.folder), "--bits", str(BITS), "--group-size",
                        str(GROUP_SIZE), "-o", str(q2), "--json", "--quiet"), size, q2)
-    qrow.theory_bytes = theory_bytes(ck, "quant")
+    if qrow.ok:
+        qrow.theory_bytes = theory_bytes(ck, "quant", base_bytes(q2))
     q2.unlink(missing_ok=True)
     for r in (crow, qrow):
         if r.ok:
@@ -367,9 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Largest expert group: 8 experts x [{a.hidden * 7 // 2}, {a.hidden}] bf16 = "
         f"{group_mb:.0f} MB at every size (layers are added to reach a size, shapes fixed).",
         *flatness(rows),
-        "Codec theory (compress): bf16 base per group + per expert the kept bf16 values and an "
-        f"8-byte seed (drop {DROP:g}) or {BITS}-bit codes + bf16 scale and offset per "
-        f"{GROUP_SIZE} elements; plus untouched tensors, shard headers and side files.",
+        "Codec theory (compress): the bases as stored (zstd-coded) + per expert the kept bf16 "
+        f"values and an 8-byte seed (drop {DROP:g}) or {BITS}-bit codes + bf16 scale and offset "
+        f"per {GROUP_SIZE} elements; plus untouched tensors, shard headers and side files.",
         f"xz: Python's lzma, preset {XZ_PRESET} (64 MiB dictionary), one thread, at sizes up to "
         f"{a.xz_max_gb:g} GB. Lossless: every expert bit for bit (base and residuals zstd-coded, "
         "docs/FORMAT.md); its expand row compares the sha256 of every restored file.",

@@ -3,7 +3,8 @@
 Both walk one ladder of settings, ordered by the bytes they store and measured on real
 upcycled weights to be ordered by error the other way (bench/quality.py): 1% of each delta
 kept unscaled in 4 bits (close to the base alone, at 0.04 bits an element), then 1, 2, 3, 4
-and 8 bits. Every rung has a random mask or none, so its size is exact before encoding.
+and 8 bits. Every rung has a random mask or none, so its size is known before encoding (bases
+counted raw: the archive comes out smaller by what coding them saves).
 
 ``--max-error E`` encodes a group at each rung from the cheapest up and keeps the first whose
 every member is within E, or lossless storage when that is smaller (or nothing else is within

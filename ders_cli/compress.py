@@ -309,7 +309,9 @@ class _Job:
         def encode(spec: CodecSpec) -> tuple[CodecSpec, EncodedGroup, tuple[torch.Tensor, str]]:
             enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,
                                spec.params(g), hasher, self.device)
-            return spec, enc, stored_base(enc.base, get_codec(spec.codec).base_encoding, g.dtype)
+            codec = get_codec(spec.codec)
+            return spec, enc, stored_base(enc.base, codec.base_encoding, g.dtype,
+                                          codec.base_level)
 
         if not isinstance(self.spec, TargetSpec):
             return encode(self.spec)

@@ -1,5 +1,6 @@
 """What an archive will hold, before any weight is read: the order tensors and groups are
-visited in, the room its header needs, and its exact size for a given setting."""
+visited in, the room its header needs, and its size for a given setting (exact but for the
+bases, which are zstd-coded and counted raw here: the archive is smaller by what that saves)."""
 
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ def group_bytes(g: ExpertGroup, spec: CodecSpec) -> int:
 
 def planned_size(ckpt: Checkpoint, found: Found, final: dict[str, ExpertGroup | None],
                  spec: CodecSpec) -> int:
-    """The exact size of the archive ``compress`` writes (unless the header outgrows its
-    estimate, which makes it larger). ``final`` maps each group's key to the group as it will
-    be compressed (shared FFNs joined), or None when it will be stored as it is."""
+    """The size of the archive ``compress`` writes, bases counted raw (unless the header
+    outgrows its estimate, which makes it larger). ``final`` maps each group's key to the group
+    as it will be compressed (shared FFNs joined), or None when it will be stored as it is."""
     reserve = estimate_header(ckpt, found)
     size = 8 + reserve + (-reserve % 8)
     size += sum(len(s.header.raw) for s in ckpt.shards) + ckpt.side_bytes

@@ -4,6 +4,7 @@ exit code 2, no traceback, and nothing written."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import pytest
@@ -158,7 +159,7 @@ def newer_archive(model, tmp_path):
     raw = bytearray(dest.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
     newer = f'"ders.version":"{FORMAT_VERSION + 1}"'.encode()
-    header = raw[8 : 8 + n].replace(b'"ders.version":"1"', newer)
+    header = bytearray(re.sub(rb'"ders.version":"\d+"', newer, bytes(raw[8 : 8 + n])))
     header[len(HEADER_PREFIX) : len(HEADER_PREFIX) + 64] = header_hash(bytes(raw[:8]),
                                                                         bytes(header)).encode()
     dest.write_bytes(bytes(raw[:8] + header + raw[8 + n :]))

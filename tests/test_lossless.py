@@ -210,16 +210,20 @@ def test_expand_restores_every_file_byte_for_byte(model, tmp_path):
 
 
 def test_encoded_bases_make_a_version_2_archive_and_only_they_do(model, tmp_path):
+    from fixtures.synthetic import upcycled_tensors, write_model
+
     ders.compress(model, ders.LosslessSpec(), tmp_path / "a.ders")
     ders.compress(model, ders.QuantSpec(2), tmp_path / "q.ders")
+    scratch = write_model(tmp_path / "s", upcycled_tensors(upcycled=False, layers=1))
+    ders.compress(scratch, ders.QuantSpec(2), tmp_path / "s.ders")  # no group: no base
     assert metadata(tmp_path / "a.ders")["ders.version"] == "2"
-    assert metadata(tmp_path / "q.ders")["ders.version"] == "1"
-    with ArchiveReader(tmp_path / "a.ders") as r:
-        assert r.manifest.version == 2
-        assert {g.base["encoding"] for g in r.manifest.groups} == {BASE_PLANES_ZSTD}
-        assert all(r.entry(g.base["array"]).dtype == "U8" for g in r.manifest.groups)
-    with ArchiveReader(tmp_path / "q.ders") as r:
-        assert all("encoding" not in g.base for g in r.manifest.groups)
+    assert metadata(tmp_path / "q.ders")["ders.version"] == "2"
+    assert metadata(tmp_path / "s.ders")["ders.version"] == "1"
+    for name in ("a.ders", "q.ders"):
+        with ArchiveReader(tmp_path / name) as r:
+            assert r.manifest.version == 2
+            assert {g.base["encoding"] for g in r.manifest.groups} == {BASE_PLANES_ZSTD}
+            assert all(r.entry(g.base["array"]).dtype == "U8" for g in r.manifest.groups)
 
 
 def rewrite_array(archive, name: str, edit) -> None:

@@ -53,14 +53,12 @@ def test_the_mean_is_a_better_base_than_the_dense_init(results):
 
 
 def test_sizes(results):
-    # 4 experts of bf16: base + 10% of each delta (bf16 values, seeded index) is 35% of them.
-    r = results["mean", "drop 0.9"]
-    for g in r.groups:
-        assert g.stored_bytes / g.original_bytes == pytest.approx((1 + 4 * 0.1) / 4, abs=1e-4)
-    q2 = results["mean", "2-bit"]
-    for g in q2.groups:  # base + 2 bits + two bf16 parameters per 128 elements
-        assert g.stored_bytes / g.original_bytes == pytest.approx(
-            (16 + 4 * (2 + 32 / 128)) / (4 * 16), abs=1e-4)
+    # Each group is 4 bf16 experts; the base, zstd-coded, takes about two thirds of its raw
+    # quarter; the deltas take exactly what their codec says.
+    for setting, delta_bits in (("drop 0.9", 0.1 * 16), ("2-bit", 2 + 32 / 128)):
+        for g in results["mean", setting].groups:
+            base = g.stored_bytes - g.original_bytes * delta_bits / 16
+            assert 0.6 < base / (g.original_bytes / 4) < 0.75, setting
 
 
 def test_lossless_is_bit_exact_and_well_under_xz(real_slice, tmp_path):

@@ -87,7 +87,8 @@ def show(r: InspectReport) -> None:
     out.print(f"parameters: {human_count(r.total_params)}; in expert groups: "
               f"{human_count(r.expert_params)} ({r.expert_share:.1%}); upcycled: "
               f"{human_count(r.upcycled_params)}")
-    est = Table(title="What each setting would write", title_justify="left")
+    est = Table(title="What each setting would write (at most: bases are counted raw, and "
+                      "zstd-coded they take about a third less)", title_justify="left")
     for col in ("setting", "archive", "of original", "saved"):
         est.add_column(col, justify="left" if col == "setting" else "right")
     original = r.tensor_bytes + r.side_bytes

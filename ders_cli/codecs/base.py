@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..constants import BASE_RAW
+from ..constants import BASE_PLANES_ZSTD
 
 ArraySpec = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
 
@@ -50,8 +50,10 @@ class DeltaCodec(ABC):
     """One way of storing the deltas of a group. Subclasses register themselves by ``name``."""
 
     name: ClassVar[str]
-    # How the writer stores the group's base with this codec (docs/FORMAT.md, "Encoded bases").
-    base_encoding: ClassVar[str] = BASE_RAW
+    # How the writer stores the group's base with this codec (docs/FORMAT.md, "Encoded bases"),
+    # and the zstd level it uses (None: the optimal parser).
+    base_encoding: ClassVar[str] = BASE_PLANES_ZSTD
+    base_level: ClassVar[int | None] = 1
     registry: ClassVar[dict[str, type[DeltaCodec]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

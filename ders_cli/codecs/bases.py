@@ -1,7 +1,8 @@
 """How a group's base is stored (docs/FORMAT.md, "Encoded bases"): as it is, an array of the
-group's dtype and shape, or encoded. In a lossless archive of 4 experts the base is about half
-of the bytes, so the lossless codec stores it compressed too (byte planes in a zstd frame: about
-two thirds of its size)."""
+group's dtype and shape, or encoded: byte planes in a zstd frame, about two thirds of its size.
+With 4 experts the base is a quarter of the experts' bytes, so every codec stores it encoded;
+the lossy ones with a fast zstd level (their arrays are small, the base is most of the work),
+lossless with the slower optimal parser (there every byte counts)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from ..safetensors_io import TORCH_DTYPES
 from .planes import pack, tensor_of, unpack, words_of
 
 
-def stored_base(base: torch.Tensor, encoding: str, dtype: str) -> tuple[torch.Tensor, str]:
-    """The array that stores ``base`` (a tensor of ``dtype``) and that array's dtype."""
+def stored_base(base: torch.Tensor, encoding: str, dtype: str, level: int | None = None
+                ) -> tuple[torch.Tensor, str]:
+    """The array that stores ``base`` (a tensor of ``dtype``) and that array's dtype; ``level``
+    as ``planes.pack``."""
     if encoding == BASE_RAW:
         return base, dtype
-    frame = pack(words_of(base))
+    frame = pack(words_of(base), level=level)
     return torch.frombuffer(bytearray(frame), dtype=torch.uint8), "U8"
 
 

@@ -88,6 +88,7 @@ class LosslessCodec(ExactCodec):
 
     name = CODEC_LOSSLESS
     base_encoding = BASE_PLANES_ZSTD
+    base_level = None  # the optimal parser: here the base is a large part of the archive
 
     @classmethod
     def params(cls) -> dict:

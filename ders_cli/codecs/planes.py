@@ -52,15 +52,19 @@ def from_planes(planes: np.ndarray) -> np.ndarray:
     return words
 
 
-def pack(words: np.ndarray, cuts: Sequence[int] = ()) -> bytes:
+def pack(words: np.ndarray, cuts: Sequence[int] = (), level: int | None = None) -> bytes:
     """One zstd frame of the byte planes of ``words`` (1-D, unsigned), its size recorded in the
     frame header. ``cuts``: ascending element indices where the data's statistics change; the
-    encoder begins a block there (and at every plane), so each part is coded on its own."""
+    encoder begins a block there (and at every plane), so each part is coded on its own.
+    ``level``: a plain zstd level instead of the optimal parser, when speed matters more (level
+    1 runs ~10x faster for ~3% more bytes on a base)."""
     planes = plane_bytes(words)
     n = words.shape[0]
     bounds = [c for c in cuts if 0 < c < n] + [n]
     out = []
-    z = zstandard.ZstdCompressor(compression_params=_PARAMS).compressobj(size=planes.size)
+    compressor = (zstandard.ZstdCompressor(compression_params=_PARAMS) if level is None
+                  else zstandard.ZstdCompressor(level=level, write_checksum=False))
+    z = compressor.compressobj(size=planes.size)
     for plane in planes:
         start = pending = 0
         for end in bounds:
