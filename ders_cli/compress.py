@@ -8,6 +8,7 @@ the next is read.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .constants import (
     SHARD_HEADER_NAME,
     SIDE_FILE_NAME,
 )
-from .decompose import CodecSpec, encode_group
+from .decompose import CodecSpec, EncodedGroup, GivenEncoding, encode_group, measure_group
 from .dense_base import DenseMatcher
 from .detect import Skipped, find_groups
 from .errors import InputError, UsageError
@@ -77,23 +78,34 @@ def default_archive_path(ckpt: Checkpoint, model: str | Path) -> Path:
     return Path.cwd() / f"{ckpt.name}.ders"  # a Hub model: beside the user, not in the cache
 
 
-def compress(model: str | Path, spec: CodecSpec, out: str | Path | None = None, *,
+def compress(model: str | Path, spec: CodecSpec | None, out: str | Path | None = None, *,
              base: str | Path = "mean", threshold: float = DEFAULT_UPCYCLED_COS,
              overwrite: bool = False, reporter: Reporter | None = None,
-             reserve: int | None = None) -> CompressResult:
-    """Write a .ders archive of ``model`` with ``spec`` (SparseSpec or QuantSpec)."""
-    spec.check()
+             reserve: int | None = None, given: Sequence[GivenEncoding] = ()) -> CompressResult:
+    """Write a .ders archive of ``model`` with ``spec`` (SparseSpec or QuantSpec).
+
+    ``given`` (with ``spec`` None): the groups, with their base and codec arrays computed
+    elsewhere (a DeRS-trained model, see ``ders_cli.training``); they replace detection and are
+    stored as they are, measured against the checkpoint's tensors.
+    """
+    if (spec is None) == (not given):
+        raise UsageError("compress needs a codec setting or given encodings, not both")
+    if spec is not None:
+        spec.check()
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
     reporter = reporter or Silent()
     ckpt = open_checkpoint(model)
-    groups, skipped = find_groups({n: e for n, (_, e) in ckpt.where.items()})
+    if given:
+        groups, skipped = [e.group for e in given], []
+    else:
+        groups, skipped = find_groups({n: e for n, (_, e) in ckpt.where.items()})
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
     check_new_output(dest, overwrite)
     matcher = None
     if str(base) != "mean":
         matcher = DenseMatcher(open_checkpoint(base), threshold)
-    job = _Job(ckpt, spec, matcher, threshold, reporter)
+    job = _Job(ckpt, spec, matcher, threshold, reporter, given)
     try:
         with ckpt.open() as files, ArchiveWriter(
             dest, reserve if reserve is not None else estimate_header(ckpt, groups), overwrite
@@ -105,7 +117,7 @@ def compress(model: str | Path, spec: CodecSpec, out: str | Path | None = None, 
     reporter.finish()
     return CompressResult(
         archive=dest,
-        setting=spec.label,
+        setting=job.label,
         input_bytes=ckpt.tensor_bytes + ckpt.side_bytes,
         archive_bytes=size,
         header_bytes=size - writer.data_bytes,
@@ -143,10 +155,13 @@ def estimate_header(ckpt: Checkpoint, groups: list[ExpertGroup]) -> int:
 
 
 class _Job:
-    def __init__(self, ckpt: Checkpoint, spec: CodecSpec, matcher: DenseMatcher | None,
-                 threshold: float, reporter: Reporter) -> None:
+    def __init__(self, ckpt: Checkpoint, spec: CodecSpec | None, matcher: DenseMatcher | None,
+                 threshold: float, reporter: Reporter, given: Sequence[GivenEncoding] = ()
+                 ) -> None:
         self.ckpt = ckpt
         self.spec = spec
+        self.given = {e.group.key: e for e in given}
+        self.label = spec.label if spec is not None else "given deltas"
         self.matcher = matcher
         self.threshold = threshold
         self.reporter = reporter
@@ -163,7 +178,7 @@ class _Job:
     def run(self, files: ShardFiles, w: ArchiveWriter, groups: list[ExpertGroup],
             skipped: list[Skipped]) -> int:
         ckpt = self.ckpt
-        self.reporter.start(self.spec.label, ckpt.tensor_bytes + ckpt.side_bytes, len(groups))
+        self.reporter.start(self.label, ckpt.tensor_bytes + ckpt.side_bytes, len(groups))
         for s in skipped:
             self.passthrough.append({"key": s.key, "reason": s.reason})
         shards = []
@@ -215,6 +230,15 @@ class _Job:
 
     def _group(self, files: ShardFiles, w: ArchiveWriter, g: ExpertGroup) -> None:
         members, shas = read_group(files, self.ckpt, g)
+        given = self.given.get(g.key)
+        if given is not None:
+            summary = GroupSummary(g.key, len(g.members), list(g.shape), g.dtype, given.codec,
+                                   g.nbytes, 0, base=given.base_kind)
+            enc = measure_group(members, given.base, g.dtype, given.codec, given.params,
+                                given.arrays)
+            self._store(w, g, enc, {"kind": given.base_kind}, given.codec, shas, summary)
+            self.reporter.advance(g.nbytes, 1)
+            return
         summary = GroupSummary(g.key, len(g.members), list(g.shape), g.dtype, self.spec.codec,
                                g.nbytes, 0)
         mean = mean_base(members)
@@ -238,28 +262,36 @@ class _Job:
             summary.stored_bytes = g.nbytes
         else:
             enc = encode_group(members, base, g.dtype, self.spec.codec, self.spec.params(g))
-            gid = len(self.records)
-            base_rec["array"] = GROUP_ARRAY_NAME.format(group=gid, array="base")
-            w.add_tensor(base_rec["array"], enc.base, g.dtype)
-            arrays = {}
-            for suffix, t in enc.arrays.items():
-                arrays[suffix] = GROUP_ARRAY_NAME.format(group=gid, array=suffix)
-                w.add_tensor(arrays[suffix], t)
-            self.records.append(GroupRecord(
-                key=g.key, members=g.members, dtype=g.dtype, shape=g.shape, base=base_rec,
-                codec={"name": self.spec.codec, "params": enc.params, "arrays": arrays},
-                recon_sha256=tuple(enc.recon_sha256), rel_error=tuple(enc.rel_error),
-                cos=tuple(enc.cos)))
-            for i, m in enumerate(g.members):
-                member = i if m.slice is None else None
-                self.tensors[m.tensor] = TensorRecord(self.ckpt.where[m.tensor][0],
-                                                      shas[m.tensor], gid, member)
-            summary.stored_bytes = enc.base.numel() * enc.base.element_size() + sum(
-                t.numel() * t.element_size() for t in enc.arrays.values())
-            summary.max_rel_error = max(enc.rel_error)
-            summary.min_cos = min(enc.cos)
+            self._store(w, g, enc, base_rec, self.spec.codec, shas, summary)
+            self.reporter.advance(g.nbytes, 1)
+            return
         self.summaries.append(summary)
         self.reporter.advance(g.nbytes, 1)
+
+    def _store(self, w: ArchiveWriter, g: ExpertGroup, enc: EncodedGroup, base_rec: dict,
+               codec: str, shas: dict[str, str], summary: GroupSummary) -> None:
+        """Write an encoded group's arrays and record it in the manifest."""
+        gid = len(self.records)
+        base_rec["array"] = GROUP_ARRAY_NAME.format(group=gid, array="base")
+        w.add_tensor(base_rec["array"], enc.base, g.dtype)
+        arrays = {}
+        for suffix, t in enc.arrays.items():
+            arrays[suffix] = GROUP_ARRAY_NAME.format(group=gid, array=suffix)
+            w.add_tensor(arrays[suffix], t)
+        self.records.append(GroupRecord(
+            key=g.key, members=g.members, dtype=g.dtype, shape=g.shape, base=base_rec,
+            codec={"name": codec, "params": enc.params, "arrays": arrays},
+            recon_sha256=tuple(enc.recon_sha256), rel_error=tuple(enc.rel_error),
+            cos=tuple(enc.cos)))
+        for i, m in enumerate(g.members):
+            member = i if m.slice is None else None
+            self.tensors[m.tensor] = TensorRecord(self.ckpt.where[m.tensor][0],
+                                                  shas[m.tensor], gid, member)
+        summary.stored_bytes = enc.base.numel() * enc.base.element_size() + sum(
+            t.numel() * t.element_size() for t in enc.arrays.values())
+        summary.max_rel_error = max(enc.rel_error)
+        summary.min_cos = min(enc.cos)
+        self.summaries.append(summary)
 
 
 def _units(ckpt: Checkpoint, groups: list[ExpertGroup]) -> list[ExpertGroup | str]:

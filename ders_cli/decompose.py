@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .codecs import QuantCodec, SparseCodec, compute_dtype, get_codec
+from .codecs import LowRankCodec, QuantCodec, SparseCodec, compute_dtype, get_codec
 from .constants import DEFAULT_GROUP_SIZE, QUANT_BITS
 from .errors import UsageError
 from .records import ExpertGroup
-from .safetensors_io import tensor_bytes
+from .safetensors_io import DTYPE_NAMES, tensor_bytes
 from .stats import cosines_to, relative_norms
 
 
@@ -76,6 +76,8 @@ def codec_label(codec: dict) -> str:
         return f"drop {params.get('drop'):g}"
     if codec.get("name") == QuantCodec.name:
         return f"{params.get('bits')}-bit"
+    if codec.get("name") == LowRankCodec.name:
+        return f"rank {params.get('rank')}"
     return str(codec.get("name"))
 
 
@@ -99,6 +101,19 @@ class EncodedGroup:
     cos: list[float]
 
 
+@dataclass(frozen=True)
+class GivenEncoding:
+    """A group's base and codec arrays computed elsewhere (the shared FFN and the deltas of a
+    DeRS-trained model): ``compress`` stores them as they are and measures them like its own."""
+
+    group: ExpertGroup
+    base: torch.Tensor  # in the group's dtype and shape
+    codec: str
+    params: dict
+    arrays: dict[str, torch.Tensor]  # by codec suffix, one row per member
+    base_kind: str = "shared"
+
+
 def synthesize(base: torch.Tensor, codec: str, params: dict, rows: dict[str, torch.Tensor],
                member: int, dtype: str) -> torch.Tensor:
     """One member, flattened, in the group's dtype: cast(base + decoded delta)."""
@@ -120,6 +135,21 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
     impl.validate(params, n_members, flat.shape[1])
     arrays = impl.encode(deltas, dtype, params)
     del deltas
+    return measure_group(members, base, dtype, codec, params, arrays)
+
+
+def measure_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: str, params: dict,
+                  arrays: dict[str, torch.Tensor]) -> EncodedGroup:
+    """Synthesize every member from ``base`` and ``arrays`` and measure it against ``members``."""
+    n_members = members.shape[0]
+    flat = members.reshape(n_members, -1)
+    cd = compute_dtype(dtype)
+    impl = get_codec(codec)
+    impl.validate(params, n_members, flat.shape[1])
+    planned = impl.arrays(params, n_members, flat.shape[1], dtype)
+    got = {k: (DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in arrays.items()}
+    if got != planned:
+        raise ValueError(f"{codec} arrays {got} differ from what the codec stores: {planned}")
     recon_sha, rel_error, cos = [], [], []
     for i in range(n_members):
         rows = {k: v[i] for k, v in arrays.items()}

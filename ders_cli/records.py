@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constants import DTYPE_BITS, FLOAT_DTYPES, FORMAT_NAME, FORMAT_VERSION
+from .constants import BASE_KINDS, DTYPE_BITS, FLOAT_DTYPES, FORMAT_NAME, FORMAT_VERSION
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
@@ -111,7 +111,7 @@ class GroupRecord:
     members: tuple[Member, ...]
     dtype: str
     shape: tuple[int, ...]
-    base: dict[str, Any]  # {"kind": "mean" | "dense", "array": name, ["source": dense tensor]}
+    base: dict[str, Any]  # {"kind": one of BASE_KINDS, "array": name, ["source": dense tensor]}
     codec: dict[str, Any]  # {"name": ..., "params": {...}, "arrays": {suffix: name}}
     recon_sha256: tuple[str, ...]  # of each synthesized member, so synthesis is checked too
     rel_error: tuple[float, ...]  # ||W - W_hat|| / ||W|| measured when the archive was written
@@ -268,7 +268,7 @@ def _group(g: Any, ref: Any) -> GroupRecord:
     _expect(isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape),
             f"group {key!r}: bad shape")
     base = g.get("base")
-    _expect(isinstance(base, dict) and base.get("kind") in ("mean", "dense"),
+    _expect(isinstance(base, dict) and base.get("kind") in BASE_KINDS,
             f"group {key!r}: bad base")
     ref(base.get("array"), f"group {key!r} base")
     codec = g.get("codec")
