@@ -20,7 +20,7 @@ from .base import ArraySpec, DeltaCodec, compute_dtype
 
 def outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as the specified sum of outer products, in the dtype of ``a`` and ``b``."""
-    out = torch.zeros((a.shape[0], b.shape[1]), dtype=a.dtype)
+    out = torch.zeros((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
     for j in range(a.shape[1]):
         # Two kernels, never one fused multiply-add: the product is rounded before the sum.
         out += a[:, j, None] * b[None, j]
