@@ -65,7 +65,8 @@ def test_the_archive_verifies_and_its_groups_hold_the_trained_deltas(saved):
                 values = r.array(g.codec["arrays"]["values"])  # stored as trained: no rescaling
                 assert torch.equal(values, torch.stack([d.values.detach() for d in p.deltas]))
             else:
-                assert g.codec["name"] == "lowrank" and g.codec["params"]["rank"] == p.deltas[0].rank
+                assert g.codec["name"] == "lowrank"
+                assert g.codec["params"]["rank"] == p.deltas[0].rank
                 a = r.array(g.codec["arrays"]["a"])
                 assert torch.equal(a, torch.stack([d.a.detach() for d in p.deltas]))
             # The vanilla checkpoint was written from these very encodings.

@@ -20,7 +20,8 @@ from ders_cli.training import (
 )
 from fixtures.tiny_dense import tiny_dense
 
-H, I, LAYERS, N = 32, 64, 2, 4  # d*h = 2048 per projection
+H, INTER, LAYERS, N = 32, 64, 2, 4
+DH = H * INTER  # d*h = 2048 per projection
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -31,34 +32,34 @@ def projections(model) -> list[DersProjection]:
 @pytest.mark.parametrize("universal", [False, True])
 @pytest.mark.parametrize("rate", [0.875, 0.9999])
 def test_sparse_trainable_expert_parameters_are_exactly_dh_plus_n_dh_1_minus_p(rate, universal):
-    model = upcycle_model(tiny_dense(hidden=H, intermediate=I, layers=LAYERS), mode="sparse",
+    model = upcycle_model(tiny_dense(hidden=H, intermediate=INTER, layers=LAYERS), mode="sparse",
                           experts=N, rate=rate, universal=universal)
     members = N + universal
-    keep = keep_count(H * I, rate)
+    keep = keep_count(DH, rate)
     if rate == 0.875:
-        assert keep == H * I * (1 - rate) == 256  # the paper's formula, with no rounding
+        assert keep == DH * (1 - rate) == 256  # the paper's formula, with no rounding
     projs = projections(model)
     assert len(projs) == LAYERS * 3
     for p in projs:
-        assert sum(q.numel() for q in p.parameters() if q.requires_grad) == H * I + members * keep
-    assert expert_parameter_counts(model)["experts"] == LAYERS * 3 * (H * I + members * keep)
+        assert sum(q.numel() for q in p.parameters() if q.requires_grad) == DH + members * keep
+    assert expert_parameter_counts(model)["experts"] == LAYERS * 3 * (DH + members * keep)
 
 
 @pytest.mark.parametrize("rank", [1, 4])
 def test_lowrank_trainable_expert_parameters_are_exactly_dh_plus_n_r_d_plus_h(rank):
-    model = upcycle_model(tiny_dense(hidden=H, intermediate=I, layers=LAYERS), mode="lowrank",
+    model = upcycle_model(tiny_dense(hidden=H, intermediate=INTER, layers=LAYERS), mode="lowrank",
                           experts=N, rank=rank)
     for p in projections(model):
         assert sum(q.numel() for q in p.parameters() if q.requires_grad) == \
-            H * I + N * rank * (H + I)
+            DH + N * rank * (H + INTER)
     counts = expert_parameter_counts(model)
-    assert counts["experts"] == LAYERS * 3 * (H * I + N * rank * (H + I))
+    assert counts["experts"] == LAYERS * 3 * (DH + N * rank * (H + INTER))
 
 
 def test_vanilla_upcycling_trains_n_full_copies():
-    model = upcycle_model(tiny_dense(hidden=H, intermediate=I, layers=LAYERS), mode="vanilla",
+    model = upcycle_model(tiny_dense(hidden=H, intermediate=INTER, layers=LAYERS), mode="vanilla",
                           experts=N)
-    assert expert_parameter_counts(model)["experts"] == LAYERS * 3 * N * H * I
+    assert expert_parameter_counts(model)["experts"] == LAYERS * 3 * N * DH
 
 
 def test_sparse_index_vectors_are_the_archive_masks_and_values_start_at_zero():
@@ -67,7 +68,7 @@ def test_sparse_index_vectors_are_the_archive_masks_and_values_start_at_zero():
     for p in projections(model):
         for d in p.deltas:
             assert isinstance(d, SparseDelta)
-            expected = mask_positions(d.seed, H * I, keep_count(H * I, 0.9))
+            expected = mask_positions(d.seed, DH, keep_count(DH, 0.9))
             assert torch.equal(d.index, torch.from_numpy(expected.astype("int64")))
             assert torch.count_nonzero(d.values) == 0
             seeds.add(d.seed)
