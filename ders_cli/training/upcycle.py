@@ -50,6 +50,7 @@ class UpcycleSpec:
     universal: bool = False
     seed: int = 0
     aux_loss_coef: float = 0.01
+    layers: tuple[int, ...] | None = None  # the MoE layers, when not every ``every``-th
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -70,8 +71,9 @@ class UpcycleSpec:
             raise UsageError(f"the router loss coefficient must be >= 0, got {self.aux_loss_coef}")
 
     def is_moe_layer(self, layer: int) -> bool:
-        # As MoE-LLaVA: layers 0, every, 2*every, ...
-        return layer % self.every == 0
+        if self.layers is not None:
+            return layer in self.layers
+        return layer % self.every == 0  # as MoE-LLaVA: layers 0, every, 2*every, ...
 
 
 def delta_seed(seed: int, layer: int, role: str, member: int) -> int:
@@ -109,7 +111,8 @@ def moe_config(dense_config: Any, spec: UpcycleSpec) -> Any:
     window = getattr(d, "sliding_window", None)
     if d.model_type == "qwen2" and not getattr(d, "use_sliding_window", False):
         window = None
-    if d.model_type != "qwen2" and spec.every == 1 and not spec.universal:
+    all_moe = all(spec.is_moe_layer(i) for i in range(layers))
+    if d.model_type != "qwen2" and all_moe and not spec.universal:
         return MixtralConfig(num_local_experts=spec.experts, sliding_window=window, **common)
     sliding = {"use_sliding_window": False}
     if window:
