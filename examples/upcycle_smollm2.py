@@ -25,7 +25,6 @@ import importlib.util
 import json
 import math
 import resource
-import subprocess
 import sys
 import sysconfig
 import time
@@ -35,6 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _child import run_child  # noqa: E402 (beside this script)
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = {
@@ -168,10 +168,7 @@ def main() -> None:
         return
     rows = []
     for name in VARIANTS:
-        args = [a for a in sys.argv[1:] if a != "--json"]
-        out = subprocess.run([sys.executable, __file__, *args, "--variant", name],
-                             check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        rows.append(run_child(__file__, a, "--variant", name))
         print(f"{name}: done in {rows[-1]['train_seconds']:.0f} s", file=sys.stderr)
     where = f"top {a.moe_layers} of 30 layers upcycled and trained" if a.moe_layers else \
         "all 30 layers upcycled, all trained"

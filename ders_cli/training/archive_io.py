@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,12 +27,20 @@ from ..decompose import GivenEncoding
 from ..errors import InputError, UsageError
 from ..hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
 from ..hf.layouts import ROLES, layout_of
-from ..hf.skeleton import assign, empty_model, parameters_on_meta, tie_and_check
+from ..hf.skeleton import (
+    assign,
+    empty_model,
+    parameters_on_meta,
+    quiet_transformers,
+    tie_and_check,
+)
+from ..outputs import check_new_output
 from ..progress import Reporter
 from ..records import ExpertGroup, Member
-from ..safetensors_io import DTYPE_NAMES
+from ..safetensors_io import DTYPE_NAMES, TORCH_DTYPES
 from .deltas import LowRankDelta, SparseDelta
 from .experts import DersExperts, DersProjection, DersSharedExpert
+from .upcycle import UpcycleSpec, upcycle_model
 
 
 def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
@@ -117,22 +124,16 @@ def load_trainable(archive: str | Path, *, dtype: torch.dtype | None = None) -> 
     """
     with ArchiveReader(archive) as reader:
         am = open_archive_model(reader)
-        if not am.slots:
+        groups = [s.group for s in am.slots.values() if s.group is not None]
+        if not groups:
             raise InputError("has no expert groups to train", reader.path)
-        group_dtype = next(iter(am.slots.values())).group
-        dtype = dtype or _torch_dtype(group_dtype.dtype if group_dtype else "F32")
+        dtype = dtype or TORCH_DTYPES[groups[0].dtype]
         model = empty_model(am.config, dtype)
         assign(model, {n: t.to(dtype) for n, t in am.tensors().items()}, trainable=True)
         for layer in am.layers:
             _load_block(am, model, layer, dtype)
         tie_and_check(model)
     return model
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    from ..safetensors_io import TORCH_DTYPES
-
-    return TORCH_DTYPES[name]
 
 
 def _load_block(am: ArchiveModel, model: nn.Module, layer: int, dtype: torch.dtype) -> None:
@@ -172,23 +173,19 @@ def _load_projection(am: ArchiveModel, slot: ExpertSlot, dtype: torch.dtype) -> 
                      "or lowrank deltas", r.path)
 
 
-def upcycle_checkpoint(dense: str | Path, out: str | Path, spec: Any, *,
+def upcycle_checkpoint(dense: str | Path, out: str | Path, spec: UpcycleSpec, *,
                        overwrite: bool = False, reporter: Reporter | None = None
                        ) -> CompressResult:
     """``ders upcycle``: a dense checkpoint folder into a DeRS MoE archive, ready to train."""
-    from ..hf.skeleton import quiet_transformers
-    from .upcycle import upcycle_model
+    from transformers import AutoModelForCausalLM
 
     spec.check()
     dense = Path(dense)
     if not (dense / "config.json").is_file():
         raise InputError("not a transformers model folder (no config.json)", dense)
     out = Path(out)
-    from ..outputs import check_new_output
-
     check_new_output(out, overwrite)
     quiet_transformers()
-    from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(dense, dtype="auto")

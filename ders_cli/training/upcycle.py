@@ -23,13 +23,13 @@ from torch import nn
 
 from ..codecs.sparse import keep_count
 from ..errors import UsageError
+from ..hf.layouts import ROLES
 from ..hf.skeleton import assign, empty_model, tie_and_check
 from .deltas import LowRankDelta, SparseDelta
 from .experts import DersExperts, DersProjection, DersSharedExpert
 
 MODES = ("sparse", "lowrank", "vanilla")
 DENSE_TYPES = ("llama", "mistral", "qwen2")
-ROLES = ("gate", "up", "down")
 UNIVERSAL_DOWN_SCALE = 2.0 / 3.0  # see the module docstring
 
 
