@@ -38,6 +38,9 @@ from .records import GroupRecord
 from .safetensors_io import TORCH_DTYPES
 
 MODES = ("synthesize", "factored")
+# Sparse positions are cached when a member keeps at most 1/64 of its elements (8-byte indices
+# then cost at most 1/8 of the bytes of a full f32 member).
+POSITION_CACHE_RATIO = 64
 
 
 class StoredProjection(nn.Module):
@@ -60,14 +63,19 @@ class StoredProjection(nn.Module):
         return {k: getattr(self, f"arr_{k}")[member] for k in self.suffixes}
 
     def _pos(self, member: int) -> torch.Tensor:
-        """The kept positions of a sparse member (regenerated from its seed once)."""
-        if member not in self._positions:
-            n = self.base.numel()
-            seed = (parse_seed(self.params["seeds"][member])
-                    if self.params["index"] == INDEX_SEED else 0)
-            pos = torch.from_numpy(mask_positions(seed, n, self.params["keep"]).astype("int64"))
-            self._positions[member] = pos.to(self.base.device)
-        return self._positions[member]
+        """The kept positions of a sparse member, regenerated from its seed. Kept only when
+        they are few (DeRS-SM): at drop 0.9 they would outweigh the values they index."""
+        cached = self._positions.get(member)
+        if cached is not None:
+            if cached.device != self.base.device:  # the model was moved
+                self._positions[member] = cached = cached.to(self.base.device)
+            return cached
+        n, keep = self.base.numel(), self.params["keep"]
+        seed = parse_seed(self.params["seeds"][member]) if self.params["index"] == INDEX_SEED else 0
+        pos = torch.from_numpy(mask_positions(seed, n, keep).astype("int64")).to(self.base.device)
+        if keep * POSITION_CACHE_RATIO <= n:
+            self._positions[member] = pos
+        return pos
 
     def delta(self, member: int) -> torch.Tensor:
         """δ_member, flattened, in the compute dtype, exactly as the codec decodes it."""
