@@ -149,7 +149,7 @@ def upcycle_model(dense: nn.Module, spec: UpcycleSpec | None = None, **kwargs: A
             ffn = {r: getattr(mlp, f"{r}_proj").weight.data for r in ROLES}
             _upcycle_block(layer.mlp, ffn, spec, i, gen, config)
     tie_and_check(model)
-    return model
+    return model.to(next(dense.parameters()).device)  # routers and deltas were made on the CPU
 
 
 def _upcycle_block(block: nn.Module, ffn: dict[str, torch.Tensor], spec: UpcycleSpec, layer: int,
