@@ -45,14 +45,18 @@ def ders_archive(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
-    """``ders compress`` archives (sparse, 2-bit) of a bf16 upcycled Mixtral fixture."""
+    """``ders compress`` archives of bf16 upcycled fixtures: Mixtral (sparse, 2-bit) and
+    Qwen3-MoE (sparse)."""
     tmp = tmp_path_factory.mktemp("cmp")
-    model = make_upcycled(tmp / "model", Dims(vocab=128), family="mixtral")
     out = {}
-    for spec in (SparseSpec(0.9), QuantSpec(2)):
-        compress(model, spec, tmp / f"{spec.codec}.ders", reporter=None)
-        expand(tmp / f"{spec.codec}.ders", tmp / f"{spec.codec}-expanded")
-        out[spec.codec] = tmp
+    for family, specs in (("mixtral", (SparseSpec(0.9), QuantSpec(2))),
+                          ("qwen3_moe", (SparseSpec(0.9),))):
+        model = make_upcycled(tmp / family, Dims(vocab=128), family=family)
+        for spec in specs:
+            name = f"{family}-{spec.codec}"
+            compress(model, spec, tmp / f"{name}.ders")
+            expand(tmp / f"{name}.ders", tmp / f"{name}-expanded")
+            out[name] = tmp
     return out
 
 
@@ -73,14 +77,14 @@ def test_factored_experts_equal_the_expanded_model_to_f32_rounding(ders_archive)
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
 
 
-@pytest.mark.parametrize("codec", ["sparse", "quant"])
-def test_archives_of_ders_compress_run_too(compressed, codec):
-    tmp = compressed[codec]
-    expanded = _eager(tmp / f"{codec}-expanded")
+@pytest.mark.parametrize("name", ["mixtral-sparse", "mixtral-quant", "qwen3_moe-sparse"])
+def test_archives_of_ders_compress_run_too(compressed, name):
+    tmp = compressed[name]
+    expanded = _eager(tmp / f"{name}-expanded")
     ref = _logits(expanded)
-    model = load_from_archive(tmp / f"{codec}.ders")
+    model = load_from_archive(tmp / f"{name}.ders")
     assert torch.equal(_logits(model), ref)
-    out = _logits(load_from_archive(tmp / f"{codec}.ders", mode="factored"))
+    out = _logits(load_from_archive(tmp / f"{name}.ders", mode="factored"))
     # bf16 model: the factored path skips the bf16 rounding of W_e and sums in another order.
     assert float((out - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
     # Experts stay compressed: the model holds less than the expanded one.

@@ -52,7 +52,6 @@ LAYOUTS = {
     "mixtral": MoeLayout("mixtral", "block_sparse_moe", ("w1", "w3", "w2")),
     "qwen2_moe": MoeLayout("qwen2_moe", "mlp", _HF_NAMES, shared="shared_expert"),
     "qwen3_moe": MoeLayout("qwen3_moe", "mlp", _HF_NAMES),
-    "olmoe": MoeLayout("olmoe", "mlp", _HF_NAMES),
 }
 
 
