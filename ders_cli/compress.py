@@ -8,6 +8,7 @@ the next is read.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +27,14 @@ from .constants import (
     SHARD_HEADER_NAME,
     SIDE_FILE_NAME,
 )
-from .decompose import CodecSpec, EncodedGroup, LosslessSpec, encode_group
+from .decompose import (
+    CodecSpec,
+    EncodedGroup,
+    GivenEncoding,
+    LosslessSpec,
+    encode_group,
+    measure_group,
+)
 from .dense_base import DenseMatcher
 from .detect import Found, find_groups
 from .device import resolve_device
@@ -93,11 +101,12 @@ def default_archive_path(ckpt: Checkpoint, model: str | Path) -> Path:
     return Path.cwd() / f"{ckpt.name}.ders"  # a Hub model: beside the user, not in the cache
 
 
-def compress(model: str | Path, spec: CodecSpec | TargetSpec, out: str | Path | None = None, *,
-             base: str | Path = "mean", threshold: float = DEFAULT_UPCYCLED_COS,
-             use_shared: bool = True, all_groups: bool = False, overwrite: bool = False,
-             device: str = "auto", reporter: Reporter | None = None,
-             reserve: int | None = None) -> CompressResult:
+def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
+             out: str | Path | None = None, *, base: str | Path = "mean",
+             threshold: float = DEFAULT_UPCYCLED_COS, use_shared: bool = True,
+             all_groups: bool = False, overwrite: bool = False, device: str = "auto",
+             reporter: Reporter | None = None, reserve: int | None = None,
+             given: Sequence[GivenEncoding] = ()) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
     LosslessSpec) or one chosen per group (TargetSpec: --max-error, --target-size).
 
@@ -105,14 +114,24 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec, out: str | Path | 
     ``threshold`` or more to its base; other groups are stored as they are, unless
     ``all_groups``. Shared FFNs of the experts' shape join their group when as similar
     (extended DeRS), unless ``use_shared`` is False. ``device``: where the arithmetic runs.
+
+    ``given`` (with ``spec`` None): the groups, with their base and codec arrays computed
+    elsewhere (a DeRS-trained model, see ``ders_cli.training``); they replace detection and are
+    stored as they are, measured against the checkpoint's tensors.
     """
-    spec.check()
+    if (spec is None) == (not given):
+        raise UsageError("compress needs a codec setting or given encodings, not both")
+    if spec is not None:
+        spec.check()
     where = resolve_device(device)
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
     reporter = reporter or Silent()
     ckpt = open_checkpoint(model)
-    found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
+    if given:
+        found = Found([e.group for e in given], [])
+    else:
+        found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
     check_new_output(dest, overwrite)
     matcher = None
@@ -123,6 +142,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec, out: str | Path | 
         choices = plan_target(ckpt, found, spec.target_size)
     job = _Job(ckpt, found, spec, matcher, threshold, use_shared, all_groups, reporter, where)
     job.choices = choices
+    job.given = {e.group.key: e for e in given}
     try:
         with ckpt.open() as files, ArchiveWriter(
             dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite
@@ -134,7 +154,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec, out: str | Path | 
     reporter.finish()
     return CompressResult(
         archive=dest,
-        setting=spec.label,
+        setting=spec.label if spec is not None else "given",
         input_bytes=ckpt.tensor_bytes + ckpt.side_bytes,
         archive_bytes=size,
         header_bytes=size - writer.data_bytes,
@@ -159,6 +179,7 @@ class _Job:
         self.ckpt = ckpt
         self.device = device
         self.choices: dict[str, CodecSpec] | None = None
+        self.given: dict[str, GivenEncoding] = {}
         self.found = found
         self.spec = spec
         self.matcher = matcher
@@ -179,8 +200,8 @@ class _Job:
 
     def run(self, files: ShardFiles, w: ArchiveWriter) -> int:
         ckpt = self.ckpt
-        self.reporter.start(self.spec.label, ckpt.tensor_bytes + ckpt.side_bytes,
-                            len(self.found.groups))
+        label = self.spec.label if self.spec is not None else "given"
+        self.reporter.start(label, ckpt.tensor_bytes + ckpt.side_bytes, len(self.found.groups))
         shards = []
         for i, s in enumerate(ckpt.shards):
             name = SHARD_HEADER_NAME.format(index=i)
@@ -259,9 +280,12 @@ class _Job:
         spec, enc, (base, base_dtype) = self._encode(loaded, hasher)
         summary.action, summary.setting = spec.codec, spec.label
         shas, base_rec = loaded.shas, dict(loaded.base_record)
+        if isinstance(spec, GivenEncoding):  # a trained model's shared FFN: its own kind
+            base_rec = {"kind": spec.base_kind}
+            summary.base = spec.base_kind
         del loaded  # the group's weights: free them before the next group is read
         min_cos = min(enc.cos_to_base)
-        if min_cos < self.threshold:
+        if min_cos < self.threshold and not isinstance(spec, GivenEncoding):
             reason = (f"not upcycled: an expert has cosine {min_cos:.4f} to the base "
                       f"(< {self.threshold})")
             if not self.all_groups:
@@ -305,6 +329,12 @@ class _Job:
         setting asked for, the one planned for --target-size, or for --max-error the cheapest
         rung of the ladder within it, or lossless when that stores fewer bytes."""
         g = loaded.group
+        given = self.given.get(g.key)
+        if given is not None:
+            enc = measure_group(loaded.weights, given)
+            codec = get_codec(given.codec)
+            return given, enc, stored_base(given.base, codec.base_encoding, g.dtype,
+                                          codec.base_level)
 
         def encode(spec: CodecSpec) -> tuple[CodecSpec, EncodedGroup, tuple[torch.Tensor, str]]:
             enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,

@@ -79,6 +79,7 @@ FLOAT_FIELDS: dict[str, tuple[int, int]] = {
 CODEC_SPARSE = "sparse"
 CODEC_QUANT = "quant"
 CODEC_LOSSLESS = "lossless"
+CODEC_LOWRANK = "lowrank"
 QUANT_BITS = (1, 2, 3, 4, 8)
 DEFAULT_GROUP_SIZE = 128
 # Per-group scale and offset of the quant codec are stored in this dtype (8 significant bits
@@ -96,6 +97,10 @@ SPLITMIX_MUL1 = 0xBF58476D1CE4E5B9
 SPLITMIX_MUL2 = 0x94D049BB133111EB
 FMIX32_MUL1 = 0x85EBCA6B
 FMIX32_MUL2 = 0xC2B2AE35
+
+# What a group's base is (informative; synthesis is the same for every kind): the members' mean,
+# a dense checkpoint's FFN, or the trained shared FFN of a DeRS-upcycled model.
+BASE_KINDS = ("mean", "dense", "shared")
 
 # --- expert groups -----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from .codecs import (
     ExactCodec,
     ExactDelta,
     LosslessCodec,
+    LowRankCodec,
     QuantCodec,
     SparseCodec,
     SparseDelta,
@@ -29,7 +30,7 @@ from .codecs.sparse import MASKS, RESCALES
 from .constants import DEFAULT_GROUP_SIZE, QUANT_BITS
 from .errors import UsageError
 from .records import ExpertGroup
-from .safetensors_io import tensor_bytes
+from .safetensors_io import DTYPE_NAMES, tensor_bytes
 from .stats import cos_from_norms, norm
 
 
@@ -143,6 +144,8 @@ def codec_label(codec: dict) -> str:
     if codec.get("name") == QuantCodec.name:
         method = params.get("method", "rtn")
         return f"{params.get('bits')}-bit" + ("" if method == "mse" else f" {method}")
+    if codec.get("name") == LowRankCodec.name:
+        return f"rank {params.get('rank')}"
     return str(codec.get("name"))
 
 
@@ -165,6 +168,23 @@ class EncodedGroup:
     rel_error: list[float]  # ||W - W_hat|| / ||W||
     cos: list[float]  # cosine of W_hat to W
     cos_to_base: list[float]  # cosine of W to the base
+
+
+@dataclass
+class GivenEncoding:
+    """A group's base and codec arrays computed elsewhere (the shared FFN and the deltas of a
+    DeRS-trained model): ``compress`` stores them as they are and measures them like its own."""
+
+    group: ExpertGroup
+    base: torch.Tensor  # in the group's dtype and shape
+    codec: str
+    params: dict
+    arrays: dict[str, torch.Tensor]  # by codec suffix, one row per member
+    base_kind: str = "shared"
+
+    @property
+    def label(self) -> str:
+        return codec_label({"name": self.codec, "params": self.params})
 
 
 def synthesize(base: torch.Tensor, codec: str, params: dict, rows: dict[str, torch.Tensor],
@@ -277,3 +297,32 @@ def _sha(view: memoryview, keep_alive: torch.Tensor) -> str:
 def _six(x: float) -> float:
     # Six significant digits: enough to report, and the same on every platform.
     return float(f"{x:.6g}")
+
+
+def measure_group(members: torch.Tensor, given: GivenEncoding) -> EncodedGroup:
+    """Synthesize every member from a given base and arrays, and measure it against
+    ``members`` (the checkpoint's tensors) as ``encode_group`` measures its own encodings."""
+    g, n_members = given.group, members.shape[0]
+    flat = members.reshape(n_members, -1)
+    impl = get_codec(given.codec)
+    impl.validate(given.params, n_members, flat.shape[1])
+    planned = impl.arrays(given.params, n_members, flat.shape[1], g.dtype)
+    got = {k: (DTYPE_NAMES[v.dtype], tuple(v.shape)) for k, v in given.arrays.items()}
+    if got != planned:
+        raise ValueError(f"{given.codec} arrays {got} differ from what the codec stores: "
+                         f"{planned}")
+    cd = compute_dtype(g.dtype)
+    base_flat = given.base.reshape(-1)
+    base_c = base_flat.to(cd)
+    base_norm = norm(base_c)
+    shas, rel_error, cos, cos_base = [], [], [], []
+    for i in range(n_members):
+        rows = impl.member_rows(given.arrays, given.params, i)
+        w_hat = synthesize(given.base, given.codec, given.params, rows, i, g.dtype, base_c)
+        shas.append(hashlib.sha256(tensor_bytes(w_hat)).hexdigest())
+        w, hc = flat[i].to(cd), w_hat.to(cd)
+        w_norm, e_norm = norm(w), norm(hc - w)
+        cos_base.append(_six(cos_from_norms(w_norm, base_norm, norm(w - base_c))))
+        rel_error.append(_six(e_norm / w_norm if w_norm else 0.0))
+        cos.append(_six(cos_from_norms(norm(hc), w_norm, e_norm)))
+    return EncodedGroup(given.base, given.arrays, given.params, shas, rel_error, cos, cos_base)

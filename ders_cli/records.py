@@ -13,6 +13,7 @@ from typing import Any
 
 from .constants import (
     BASE_ENCODING_VERSION,
+    BASE_KINDS,
     BASE_RAW,
     DTYPE_BITS,
     FLOAT_DTYPES,
@@ -118,7 +119,7 @@ class GroupRecord:
     members: tuple[Member, ...]
     dtype: str
     shape: tuple[int, ...]
-    base: dict[str, Any]  # {"kind": "mean" | "dense", "array": name, ["source": dense tensor],
+    base: dict[str, Any]  # {"kind": one of BASE_KINDS, "array": name, ["source": dense tensor],
     #                        ["encoding": how the array stores it, when not "raw"]}
     codec: dict[str, Any]  # {"name": ..., "params": {...}, "arrays": {suffix: name}}
     recon_sha256: tuple[str, ...]  # of each synthesized member, so synthesis is checked too
@@ -283,7 +284,7 @@ def _group(g: Any, ref: Any) -> GroupRecord:
     _expect(isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape),
             f"group {key!r}: bad shape")
     base = g.get("base")
-    _expect(isinstance(base, dict) and base.get("kind") in ("mean", "dense"),
+    _expect(isinstance(base, dict) and base.get("kind") in BASE_KINDS,
             f"group {key!r}: bad base")
     ref(base.get("array"), f"group {key!r} base")
     _expect(base.get("encoding", BASE_RAW) in BASE_ENCODING_VERSION,

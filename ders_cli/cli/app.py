@@ -11,6 +11,7 @@ from .compress_cmd import compress_cmd, quantize_cmd
 from .console import err
 from .expand_cmd import expand_cmd
 from .inspect_cmd import inspect
+from .upcycle_cmd import upcycle_cmd
 from .verify_cmd import verify_cmd
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app.command("compress")(compress_cmd)
 app.command("quantize")(quantize_cmd)
 app.command("expand")(expand_cmd)
 app.command("verify")(verify_cmd)
+app.command("upcycle")(upcycle_cmd)
 
 
 def main() -> None:

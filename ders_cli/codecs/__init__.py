@@ -10,8 +10,9 @@ from .base import (
     get_codec,
 )
 from .lossless import LosslessCodec
+from .lowrank import LowRankCodec
 from .quant import QuantCodec
 from .sparse import SparseCodec
 
-__all__ = ["Decoded", "DeltaCodec", "ExactCodec", "ExactDelta", "LosslessCodec", "QuantCodec",
-           "SparseCodec", "SparseDelta", "compute_dtype", "get_codec"]
+__all__ = ["Decoded", "DeltaCodec", "ExactCodec", "ExactDelta", "LosslessCodec", "LowRankCodec",
+           "QuantCodec", "SparseCodec", "SparseDelta", "compute_dtype", "get_codec"]

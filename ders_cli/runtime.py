@@ -1,0 +1,286 @@
+"""Inference straight from a .ders archive: the model is built with its experts kept as base plus
+compressed deltas, and an expert exists in full only while the router uses it.
+
+Two ways to compute an expert (``mode``):
+
+- ``"synthesize"``: W_e = cast(base + δ_e) is synthesized when the router selects expert e,
+  exactly as ``expand`` writes it, and used in transformers' own expert loop; the logits are
+  those of the expanded model loaded with ``experts_implementation="eager"``, bit for bit.
+- ``"factored"``: x @ W_e.T = x @ W_base.T + x @ δ_e.T without materialising W_e. The base
+  products are shared by all experts: gate and up projections of the base are computed once per
+  token, and the down projection once on the routing-weighted sum of the experts' activations
+  (it is linear), so a MoE layer costs one dense FFN plus the deltas (low-rank: two thin
+  products; sparse: the kept positions only). Equal to the expanded model up to rounding.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .archive import ArchiveReader
+from .codecs import ExactDelta, LowRankCodec, SparseCodec, compute_dtype, get_codec
+from .codecs.lowrank import outer_sum
+from .codecs.mask import mask_positions
+from .codecs.sparse import densify, parse_seed
+from .constants import INDEX_SEED
+from .decompose import synthesize
+from .errors import InputError, UsageError
+from .expand import group_arrays
+from .hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
+from .hf.layouts import ROLES
+from .hf.skeleton import assign, empty_model, tie_and_check
+from .records import GroupRecord
+from .safetensors_io import TORCH_DTYPES
+
+MODES = ("synthesize", "factored")
+# Sparse positions are cached when a member keeps at most 1/64 of its elements (8-byte indices
+# then cost at most 1/8 of the bytes of a full f32 member).
+POSITION_CACHE_RATIO = 64
+
+
+class StoredProjection(nn.Module):
+    """One projection of a group as the archive stores it: the base and the codec arrays."""
+
+    def __init__(self, group: GroupRecord, base: torch.Tensor, arrays: dict[str, torch.Tensor]
+                 ) -> None:
+        super().__init__()
+        self.codec = group.codec["name"]
+        self.params = group.codec["params"]
+        self.dtype_name = group.dtype
+        self.shape = tuple(group.shape)
+        self.register_buffer("base", base.reshape(self.shape))
+        self.suffixes = list(arrays)
+        for k, v in arrays.items():
+            self.register_buffer(f"arr_{k}", v)
+        self._positions: dict[int, torch.Tensor] = {}
+
+    def rows(self, member: int) -> dict[str, torch.Tensor]:
+        arrays = {k: getattr(self, f"arr_{k}") for k in self.suffixes}
+        return get_codec(self.codec).member_rows(arrays, self.params, member)
+
+    def _seeded(self) -> bool:
+        """A sparse projection whose positions come from seeds and whose values are raw: the
+        fast paths below apply (DeRS-SM archives, and ``ders compress --drop``)."""
+        return (self.codec == SparseCodec.name and "values" not in self.params
+                and self.params["index"] in (INDEX_SEED, "all"))
+
+    def _pos(self, member: int) -> torch.Tensor:
+        """The kept positions of a seeded sparse member, regenerated from its seed. Kept only
+        when they are few (DeRS-SM): at drop 0.9 they would outweigh the values they index."""
+        cached = self._positions.get(member)
+        if cached is not None:
+            if cached.device != self.base.device:  # the model was moved
+                self._positions[member] = cached = cached.to(self.base.device)
+            return cached
+        n, keep = self.base.numel(), self.params["keep"]
+        seed = parse_seed(self.params["seeds"][member]) if self.params["index"] == INDEX_SEED else 0
+        pos = torch.from_numpy(mask_positions(seed, n, keep).astype("int64")).to(self.base.device)
+        if keep * POSITION_CACHE_RATIO <= n:
+            self._positions[member] = pos
+        return pos
+
+    def delta(self, member: int) -> torch.Tensor:
+        """δ_member, flattened, in the compute dtype: zero where the codec leaves the base."""
+        cd = compute_dtype(self.dtype_name)
+        rows = self.rows(member)
+        if self.codec == LowRankCodec.name:
+            return outer_sum(rows["a"].to(cd), rows["b"].to(cd)).reshape(-1)
+        if self._seeded():
+            out = torch.zeros(self.base.numel(), dtype=cd, device=self.base.device)
+            return out.index_copy_(0, self._pos(member), rows["values"].to(cd))
+        decoded = get_codec(self.codec).decode(rows, self.params, member, self.base.numel(),
+                                               self.dtype_name)
+        if isinstance(decoded, ExactDelta):  # lossless: the member's bits, not a float delta
+            return self.weight(member).reshape(-1).to(cd) - self.base.reshape(-1).to(cd)
+        return densify(decoded, self.base.numel()).to(self.base.device)
+
+    def weight(self, member: int) -> torch.Tensor:
+        """W_member, the bytes ``expand`` writes (the archive's own synthesis)."""
+        return synthesize(self.base, self.codec, self.params, self.rows(member), member,
+                          self.dtype_name).view(self.shape)
+
+    def apply_delta(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        """x @ δ_member.T without building W_member."""
+        rows = self.rows(member)
+        if self.codec == LowRankCodec.name:
+            return F.linear(F.linear(x, rows["b"].to(x.dtype)), rows["a"].to(x.dtype))
+        if self._seeded() and x.shape[0] * self.params["keep"] < self.base.numel():
+            pos = self._pos(member)
+            cols = pos % self.shape[1]
+            contrib = x[:, cols] * rows["values"].to(x.dtype)
+            return x.new_zeros(x.shape[0], self.shape[0]).index_add_(1, pos // self.shape[1],
+                                                                     contrib)
+        return F.linear(x, self.delta(member).to(x.dtype).view(self.shape))
+
+
+class ArchiveExperts(nn.Module):
+    """Stands in for a transformers experts module (same call) with stored projections."""
+
+    def __init__(self, projections: dict[str, StoredProjection], num_experts: int,
+                 act_fn: Any, mode: str, cache_experts: int = 0) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = (projections[r] for r in ROLES)
+        self.num_experts = num_experts
+        self.act_fn = act_fn
+        self.mode = mode
+        self.cache_experts = cache_experts
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of expert e, synthesized or from the cache."""
+        if e in self._cache:
+            self._cache.move_to_end(e)
+            return self._cache[e]
+        w = (torch.cat([self.gate.weight(e), self.up.weight(e)]), self.down.weight(e))
+        if self.cache_experts > 0:
+            self._cache[e] = w
+            while len(self._cache) > self.cache_experts:
+                self._cache.popitem(last=False)
+        return w
+
+    def member_forward(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """One member (the shared FFN of a group is member N) on all of ``x``."""
+        if self.mode == "synthesize":
+            gate_up, down = self.expert_weights(m)
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+            return F.linear(self.act_fn(gate) * up, down)
+        g = F.linear(x, self.gate.base) + self.gate.apply_delta(x, m)
+        u = F.linear(x, self.up.base) + self.up.apply_delta(x, m)
+        h = self.act_fn(g) * u
+        return F.linear(h, self.down.base) + self.down.apply_delta(h, m)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.mode == "factored":
+            return self._factored(hidden_states, top_k_index, top_k_weights)
+        # transformers' eager loop, step for step, so that the logits match bit for bit.
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for e in hit:
+            e = int(e[0])
+            if e == self.num_experts:
+                continue
+            pos, token_idx = torch.where(mask[e])
+            gate_up, down = self.expert_weights(e)
+            gate, up = F.linear(hidden_states[token_idx], gate_up).chunk(2, dim=-1)
+            out = F.linear(self.act_fn(gate) * up, down)
+            out = out * top_k_weights[token_idx, pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+    def _factored(self, x: torch.Tensor, top_k_index: torch.Tensor,
+                  top_k_weights: torch.Tensor) -> torch.Tensor:
+        g_base = F.linear(x, self.gate.base)
+        u_base = F.linear(x, self.up.base)
+        h_sum = x.new_zeros(x.shape[0], g_base.shape[1])
+        y_delta = torch.zeros_like(x)
+        for e in torch.unique(top_k_index).tolist():
+            if e >= self.num_experts:
+                continue
+            token_idx, pos = torch.where(top_k_index == e)
+            xe = x[token_idx]
+            g = g_base[token_idx] + self.gate.apply_delta(xe, e)
+            u = u_base[token_idx] + self.up.apply_delta(xe, e)
+            h = self.act_fn(g) * u
+            w = top_k_weights[token_idx, pos, None]
+            h_sum.index_add_(0, token_idx, (h * w).to(h_sum.dtype))
+            y_delta.index_add_(0, token_idx, (self.down.apply_delta(h, e) * w).to(x.dtype))
+        return F.linear(h_sum, self.down.base) + y_delta
+
+
+class ArchiveSharedExpert(nn.Module):
+    """A block's always-on FFN kept in its experts' groups (member N)."""
+
+    def __init__(self, experts: ArchiveExperts) -> None:
+        super().__init__()
+        self._experts = [experts]  # registered once, under the experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        experts = self._experts[0]
+        return experts.member_forward(x, experts.num_experts)
+
+
+def load_from_archive(archive: str | Path, *, mode: str = "synthesize", device: str = "cpu",
+                      cache_experts: int = 0) -> nn.Module:
+    """A transformers causal LM whose experts stay compressed (see the module docstring).
+
+    ``cache_experts``: in ``synthesize`` mode, keep the weights of this many recently used
+    experts per layer (0: synthesize at every use, the least memory).
+    """
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    with ArchiveReader(archive) as reader:
+        am = open_archive_model(reader)
+        dtype = _dtype(am)
+        model = empty_model(am.config, dtype)
+        assign(model, am.tensors(), trainable=False)
+        for layer in am.layers:
+            _install(am, model, layer, mode, cache_experts)
+        tie_and_check(model)
+    model.eval()
+    return model.to(device)
+
+
+def _dtype(am: ArchiveModel) -> torch.dtype:
+    for slot in am.slots.values():
+        if slot.group is not None:
+            return TORCH_DTYPES[slot.group.dtype]
+    dtype = getattr(am.config, "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _install(am: ArchiveModel, model: nn.Module, layer: int, mode: str, cache: int) -> None:
+    block = model.model.layers[layer].mlp
+    slots: dict[str, ExpertSlot] = {r: am.slots.get((layer, r)) for r in ROLES}
+    r = am.reader
+    if all(s is not None and s.group is not None and not s.loose for s in slots.values()):
+        projections = {}
+        for role, s in slots.items():
+            parts = group_arrays(r, s.group)  # the base decoded, checksums verified
+            projections[role] = StoredProjection(s.group, parts.base.reshape(s.group.shape),
+                                                 parts.arrays)
+        n = len(slots["gate"].group.members) - int(slots["gate"].has_shared)
+        experts = ArchiveExperts(projections, n, block.experts.act_fn, mode, cache)
+        block.experts = experts
+        if slots["gate"].has_shared:
+            block.shared_expert = ArchiveSharedExpert(experts)
+        return
+    # A projection of this layer is stored as it is: build the layer as transformers has it.
+    if any(s is not None and s.has_shared for s in slots.values()):
+        raise InputError(f"layer {layer}: a shared FFN grouped beside experts stored as they "
+                         "are", r.path)
+    weights = {role: _members(am, s) for role, s in slots.items()}
+    n = len(weights["gate"])
+    assign(block.experts, {
+        "gate_up_proj": torch.stack([torch.cat([weights["gate"][e], weights["up"][e]])
+                                     for e in range(n)]),
+        "down_proj": torch.stack(weights["down"])}, trainable=False)
+
+
+def _members(am: ArchiveModel, slot: ExpertSlot | None) -> list[torch.Tensor]:
+    if slot is None:
+        return []
+    if slot.group is None:
+        return [slot.loose[e] for e in sorted(slot.loose)]
+    g = slot.group
+    parts = group_arrays(am.reader, g)
+    return [parts.member(i).view(g.shape) for i in range(len(g.members))]
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every distinct tensor storage a model holds (parameters and buffers)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total

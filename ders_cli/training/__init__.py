@@ -1,0 +1,25 @@
+"""DeRS upcycling for training: MoE models whose experts are a shared FFN plus light deltas.
+
+    from ders_cli.training import upcycle_model, save_archive, load_trainable
+    moe = upcycle_model(dense, experts=4, top_k=2, mode="lowrank", rank=4)
+    ...train moe with any PyTorch loop or the HF Trainer...
+    save_archive(moe, "moe.ders")          # then: ders expand moe.ders -> a vanilla MoE
+
+transformers is needed here (it is not for the rest of ders).
+"""
+
+from .deltas import LowRankDelta, SparseDelta
+from .experts import DersExperts, DersProjection, DersSharedExpert
+from .upcycle import UpcycleSpec, expert_parameter_counts, moe_config, upcycle_model
+
+__all__ = [
+    "DersExperts",
+    "DersProjection",
+    "DersSharedExpert",
+    "LowRankDelta",
+    "SparseDelta",
+    "UpcycleSpec",
+    "expert_parameter_counts",
+    "moe_config",
+    "upcycle_model",
+]

@@ -1,0 +1,207 @@
+"""A DeRS model to and from a .ders archive.
+
+``save_archive`` writes the vanilla MoE checkpoint the model stands for (each expert
+synthesized exactly as the archive will synthesize it) to a temporary folder with
+``save_pretrained``, then lets ``compress`` store it with the model's own shared FFNs and deltas
+as the groups' bases and codec arrays. ``ders expand`` of the archive therefore gives that
+vanilla checkpoint back byte for byte, and ``load_trainable`` rebuilds the DeRS model from it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..archive import ArchiveReader
+from ..codecs import LowRankCodec, SparseCodec
+from ..codecs.sparse import parse_seed
+from ..compress import CompressResult, compress
+from ..constants import INDEX_SEED
+from ..decompose import GivenEncoding
+from ..errors import InputError, UsageError
+from ..expand import group_arrays
+from ..hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
+from ..hf.layouts import ROLES, layout_of
+from ..hf.skeleton import (
+    assign,
+    empty_model,
+    parameters_on_meta,
+    quiet_transformers,
+    tie_and_check,
+)
+from ..outputs import check_new_output
+from ..progress import Reporter
+from ..records import ExpertGroup, Member
+from ..safetensors_io import DTYPE_NAMES, TORCH_DTYPES
+from .deltas import LowRankDelta, SparseDelta
+from .experts import DersExperts, DersProjection, DersSharedExpert
+from .upcycle import UpcycleSpec, upcycle_model
+
+
+def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
+                 side_files: Iterable[str | Path] = (), reporter: Reporter | None = None
+                 ) -> CompressResult:
+    """Write a DeRS model (from ``upcycle_model`` or ``load_trainable``) to a .ders archive.
+
+    ``side_files`` (tokenizer files, a README...) are stored too, and restored by ``expand``.
+    """
+    out = Path(out)
+    layout = layout_of(model.config.model_type)
+    blocks = _ders_blocks(model)
+    if layout is None or not blocks:
+        raise UsageError("the model has no DeRS experts: save a vanilla MoE with "
+                         "save_pretrained and compress it with 'ders compress'")
+    given = []
+    for layer, experts in blocks:
+        shared = isinstance(getattr(model.model.layers[layer].mlp, "shared_expert", None),
+                            DersSharedExpert)
+        for role, proj in experts.projections.items():
+            names = [layout.expert_name(layer, e, role) for e in range(experts.num_experts)]
+            if shared:
+                names.append(layout.shared_name(layer, role))
+            base = proj.base.detach().cpu()
+            group = ExpertGroup(layout.expert_name(layer, "{E}", role),  # type: ignore[arg-type]
+                                tuple(Member(n) for n in names), tuple(range(len(names))),
+                                DTYPE_NAMES[base.dtype], tuple(base.shape))
+            codec, params, arrays = proj.encoding()
+            given.append(GivenEncoding(group, base, codec, params, arrays))
+    parent = out.parent if str(out.parent) else Path(".")
+    with tempfile.TemporaryDirectory(prefix=".ders-save-", dir=parent) as tmp:
+        with vanilla_view(model, blocks):
+            model.save_pretrained(tmp)
+        for f in side_files:
+            shutil.copy2(f, Path(tmp) / Path(f).name)
+        return compress(tmp, None, out, given=given, overwrite=overwrite, reporter=reporter)
+
+
+def _ders_blocks(model: nn.Module) -> list[tuple[int, DersExperts]]:
+    return [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers)
+            if isinstance(getattr(layer.mlp, "experts", None), DersExperts)]
+
+
+@contextmanager
+def vanilla_view(model: nn.Module, blocks: list[tuple[int, DersExperts]]):
+    """Inside, every DeRS expert module is replaced by the transformers module it stands for,
+    holding the synthesized weights: the model is a vanilla MoE (for ``save_pretrained``)."""
+    saved = []
+    try:
+        for layer, experts in blocks:
+            block = model.model.layers[layer].mlp
+            w = {role: proj.synthesized() for role, proj in experts.projections.items()}
+            n = experts.num_experts
+            with parameters_on_meta():
+                vanilla = experts.vanilla_cls(model.config)
+            vanilla.gate_up_proj = nn.Parameter(
+                torch.stack([torch.cat([w["gate"][e], w["up"][e]]) for e in range(n)]))
+            vanilla.down_proj = nn.Parameter(torch.stack(w["down"][:n]))
+            saved.append((block, "experts", experts))
+            block.experts = vanilla
+            shared = getattr(block, "shared_expert", None)
+            if isinstance(shared, DersSharedExpert):
+                with parameters_on_meta():
+                    mlp = shared.vanilla_cls(model.config,
+                                             intermediate_size=w["gate"][n].shape[0])
+                for role in ROLES:
+                    getattr(mlp, f"{role}_proj").weight = nn.Parameter(w[role][n])
+                saved.append((block, "shared_expert", shared))
+                block.shared_expert = mlp
+        yield model
+    finally:
+        for block, attr, module in reversed(saved):
+            setattr(block, attr, module)
+
+
+def load_trainable(archive: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """The DeRS model an archive holds, ready to train: shared FFNs and deltas as parameters.
+
+    Every expert group must use the ``sparse`` or ``lowrank`` codec (a DeRS archive, or a
+    ``ders compress --drop`` one, whose rescaled values then start the value vectors).
+    """
+    with ArchiveReader(archive) as reader:
+        am = open_archive_model(reader)
+        groups = [s.group for s in am.slots.values() if s.group is not None]
+        if not groups:
+            raise InputError("has no expert groups to train", reader.path)
+        dtype = dtype or TORCH_DTYPES[groups[0].dtype]
+        model = empty_model(am.config, dtype)
+        assign(model, {n: t.to(dtype) for n, t in am.tensors().items()}, trainable=True)
+        for layer in am.layers:
+            _load_block(am, model, layer, dtype)
+        tie_and_check(model)
+    return model
+
+
+def _load_block(am: ArchiveModel, model: nn.Module, layer: int, dtype: torch.dtype) -> None:
+    block = model.model.layers[layer].mlp
+    slots = {r: am.slots.get((layer, r)) for r in ROLES}
+    if any(s is None or s.group is None or s.loose for s in slots.values()):
+        raise InputError(f"layer {layer}: its experts are not all stored as DeRS groups",
+                         am.reader.path)
+    projections = {r: _load_projection(am, s, dtype) for r, s in slots.items()}
+    num_experts = len(slots["gate"].group.members) - int(slots["gate"].has_shared)
+    experts = DersExperts(projections["gate"], projections["up"], projections["down"],
+                          num_experts, block.experts.act_fn, type(block.experts))
+    block.experts = experts
+    if slots["gate"].has_shared:
+        block.shared_expert = DersSharedExpert(experts, type(block.shared_expert))
+
+
+def _load_projection(am: ArchiveModel, slot: ExpertSlot, dtype: torch.dtype) -> DersProjection:
+    g = slot.group
+    r = am.reader
+    parts = group_arrays(r, g)  # the base decoded, checksums verified
+    base = parts.base.reshape(g.shape).to(dtype)
+    arrays = {k: v.to(dtype) for k, v in parts.arrays.items()}
+    params = g.codec["params"]
+    if len(g.shape) != 2:
+        raise InputError(f"group {g.key!r}: members are not 2-D", r.path)
+    out_f, in_f = g.shape
+    if g.codec["name"] == SparseCodec.name:
+        seeds = [parse_seed(s) if params["index"] == INDEX_SEED else 0
+                 for s in params.get("seeds", ["0" * 16] * len(g.members))]
+        deltas = [SparseDelta(out_f, in_f, params["keep"], seeds[i], dtype, arrays["values"][i])
+                  for i in range(len(g.members))]
+        return DersProjection(base, deltas, drop=params.get("drop"))
+    if g.codec["name"] == LowRankCodec.name:
+        deltas = [LowRankDelta(arrays["a"][i], arrays["b"][i]) for i in range(len(g.members))]
+        return DersProjection(base, deltas)
+    raise InputError(f"group {g.key!r} uses codec {g.codec['name']!r}: training needs sparse "
+                     "or lowrank deltas", r.path)
+
+
+def upcycle_checkpoint(dense: str | Path, out: str | Path, spec: UpcycleSpec, *,
+                       overwrite: bool = False, reporter: Reporter | None = None
+                       ) -> CompressResult:
+    """``ders upcycle``: a dense checkpoint folder into a DeRS MoE archive, ready to train."""
+    from transformers import AutoModelForCausalLM
+
+    spec.check()
+    dense = Path(dense)
+    if not (dense / "config.json").is_file():
+        raise InputError("not a transformers model folder (no config.json)", dense)
+    out = Path(out)
+    check_new_output(out, overwrite)
+    quiet_transformers()
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(dense, dtype="auto")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"transformers cannot load it: {exc}", dense) from None
+    moe = upcycle_model(model, spec)
+    side = [p for p in sorted(dense.iterdir()) if p.is_file() and _is_side_file(p.name)]
+    return save_archive(moe, out, overwrite=overwrite, side_files=side, reporter=reporter)
+
+
+# Files of a dense model folder that describe the model rather than the tokenizer or the text:
+# the MoE has its own.
+_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json"}
+
+
+def _is_side_file(name: str) -> bool:
+    return name not in _MODEL_FILES and not name.endswith((".safetensors", ".bin", ".pt"))

@@ -1,0 +1,155 @@
+"""A trained DeRS model to a .ders archive and back: the archive's codecs hold exactly the trained
+deltas, ``expand`` gives a vanilla Mixtral / Qwen2-MoE checkpoint that transformers loads with
+the model's logits, and ``load_trainable`` gives the model back. Plus the ``ders upcycle`` CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ders_cli import ArchiveReader, expand, verify
+from ders_cli.cli.app import app
+from ders_cli.expand import group_arrays
+from ders_cli.hf.layouts import layout_of
+from ders_cli.training import DersProjection, SparseDelta, upcycle_model
+from ders_cli.training.archive_io import load_trainable, save_archive
+from fixtures.tiny_dense import save_tiny_dense, tiny_dense
+
+TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+SETTINGS = {
+    "sm": dict(family="mistral", mode="sparse", rate=0.9),
+    "lm": dict(family="mistral", mode="lowrank", rank=3),
+    "lm-universal-every2": dict(family="qwen2", mode="lowrank", rank=2, universal=True, every=2),
+}
+
+
+def trained(family: str, steps: int = 2, **kwargs):
+    """A DeRS model after a few optimizer steps: every delta, router and base has moved."""
+    model = upcycle_model(tiny_dense(family, layers=3), experts=4, top_k=2, **kwargs).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        model(TOKENS, labels=TOKENS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=sorted(SETTINGS))
+def saved(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    model = trained(**SETTINGS[request.param])
+    result = save_archive(model, tmp / "moe.ders")
+    expand(tmp / "moe.ders", tmp / "vanilla")
+    return model, result, tmp
+
+
+def test_the_archive_verifies_and_its_groups_hold_the_trained_deltas(saved):
+    model, result, tmp = saved
+    assert verify(tmp / "moe.ders").ok
+    layout = layout_of(model.config.model_type)
+    projs = [m for m in model.modules() if isinstance(m, DersProjection)]
+    with ArchiveReader(tmp / "moe.ders") as r:
+        groups = r.manifest.groups
+        assert len(groups) == len(projs)
+        for g in groups:
+            layer, expert, role = layout.parse(g.members[0].tensor)
+            assert expert == 0
+            p = model.model.layers[layer].mlp.experts.projections[role]
+            assert g.base["kind"] == "shared"
+            base = group_arrays(r, g).base  # decoded: bases are stored zstd-coded
+            assert torch.equal(base.reshape(p.base.shape), p.base.detach())
+            if isinstance(p.deltas[0], SparseDelta):
+                assert g.codec["name"] == "sparse" and g.codec["params"]["index"] == "seed"
+                assert g.codec["params"]["seeds"] == [f"{d.seed:016x}" for d in p.deltas]
+                values = r.array(g.codec["arrays"]["values"])  # stored as trained: no rescaling
+                assert torch.equal(values, torch.stack([d.values.detach() for d in p.deltas]))
+            else:
+                assert g.codec["name"] == "lowrank"
+                assert g.codec["params"]["rank"] == p.deltas[0].rank
+                a = r.array(g.codec["arrays"]["a"])
+                assert torch.equal(a, torch.stack([d.a.detach() for d in p.deltas]))
+            # The vanilla checkpoint was written from these very encodings.
+            assert g.rel_error == tuple(0.0 for _ in g.members)
+    assert all(s.action in ("sparse", "lowrank") for s in result.groups)
+
+
+def test_transformers_loads_the_expanded_vanilla_moe_with_the_same_logits(saved):
+    from transformers import AutoModelForCausalLM
+
+    model, _, tmp = saved
+    config = json.loads((tmp / "vanilla" / "config.json").read_text())
+    assert config["model_type"] in ("mixtral", "qwen2_moe")
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp / "vanilla").eval()
+    assert type(vanilla).__name__ == type(model).__name__
+    with torch.no_grad():
+        ref, out = model(TOKENS).logits, vanilla(TOKENS).logits
+    # The DeRS model computes x W_base^T + x Δ^T, the vanilla one x (W_base + Δ)^T with W rounded
+    # to f32 once: the logits agree to f32 rounding of the largest activations.
+    assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_load_trainable_gives_back_the_same_model(saved):
+    model, _, tmp = saved
+    back = load_trainable(tmp / "moe.ders").eval()
+    with torch.no_grad():
+        assert torch.equal(back(TOKENS).logits, model(TOKENS).logits)
+    mine = {n: p for n, p in model.named_parameters()}
+    theirs = {n: p for n, p in back.named_parameters()}
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[n], theirs[n]) for n in mine)
+
+
+def test_a_model_without_ders_experts_is_refused(tmp_path):
+    from ders_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="no DeRS experts"):
+        save_archive(upcycle_model(tiny_dense(), mode="vanilla"), tmp_path / "x.ders")
+    assert list(tmp_path.iterdir()) == []
+
+
+runner = CliRunner()
+
+
+def test_ders_upcycle_writes_an_archive_that_trains_and_expands(tmp_path):
+    dense = save_tiny_dense(tmp_path / "dense", "mistral")
+    out = tmp_path / "moe.ders"
+    res = runner.invoke(app, ["upcycle", str(dense), "-o", str(out), "--experts", "4",
+                              "--top-k", "2", "--mode", "lowrank", "--rank", "4"])
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and out.is_file()
+    model = load_trainable(out)
+    with torch.no_grad():
+        ref = tiny_dense("mistral")(TOKENS).logits
+        assert float((model(TOKENS).logits - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    expand(out, tmp_path / "vanilla")
+    assert (tmp_path / "vanilla" / "tokenizer_config.json").read_text() == \
+        (dense / "tokenizer_config.json").read_text()
+    # No overwrite without --force, and nothing else is written.
+    res = runner.invoke(app, ["upcycle", str(dense), "-o", str(out), "--mode", "sparse"])
+    assert res.exit_code == 2 and "already exists" in res.output
+    res = runner.invoke(app, ["upcycle", str(dense), "-o", str(out), "--mode", "sparse",
+                              "--rate", "0.999", "--every", "2", "--universal", "--force",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert {g["action"] for g in doc["groups"]} == {"sparse"} and len(doc["groups"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense", "moe.ders", "vanilla"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mode", "dense"], "--mode"), (["--rate", "1.5", "--mode", "sparse"], "--rate"),
+    (["--top-k", "9"], "--top-k"), (["--mode", "vanilla"], "--mode")])
+def test_ders_upcycle_bad_options_exit_2_with_one_line(tmp_path, args, message):
+    dense = save_tiny_dense(tmp_path / "dense", "mistral")
+    res = runner.invoke(app, ["upcycle", str(dense), "-o", str(tmp_path / "o.ders"), *args])
+    assert res.exit_code == 2 and message in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "o.ders").exists()
+
+
+def test_ders_upcycle_of_a_missing_folder(tmp_path):
+    res = runner.invoke(app, ["upcycle", str(tmp_path / "nope"), "-o", str(tmp_path / "o.ders")])
+    assert res.exit_code == 2 and "no config.json" in res.output
