@@ -32,6 +32,7 @@ from .decompose import (
     EncodedGroup,
     GivenEncoding,
     LosslessSpec,
+    NonFiniteMember,
     encode_group,
     measure_group,
 )
@@ -39,7 +40,7 @@ from .dense_base import DenseMatcher
 from .detect import Found, find_groups
 from .device import resolve_device
 from .errors import UsageError
-from .grouping import Fetched, LoadedGroup, fetch_group, prepare_group
+from .grouping import Fetched, LoadedGroup, fetch_group, non_finite, prepare_group
 from .lanes import Lane, compute_threads, release_memory
 from .outputs import check_new_output
 from .plan import estimate_header, units
@@ -213,7 +214,9 @@ class _Job:
 
         def fetch(i: int):
             g = groups[i]
-            return fetch_group(files, ckpt, g, self.found.shared.get(g.key, ()))
+            # NaN and Inf are caught by the encoder's norms (see encode_group), not by a pass.
+            return fetch_group(files, ckpt, g, self.found.shared.get(g.key, ()),
+                               check_finite=False)
 
         with Lane("read", depth=1) as reader, Lane("write") as writer, ThreadPoolExecutor(
                 1, thread_name_prefix="ders-hash") as hasher:
@@ -277,7 +280,10 @@ class _Job:
                 writer.submit(self._passthrough, files, w, c.member.tensor)
         # Encode first, decide after: the encoder measures every member's cosine to the base
         # on the way, and a group that is not upcycled is the rare case.
-        spec, enc, (base, base_dtype) = self._encode(loaded, hasher)
+        try:
+            spec, enc, (base, base_dtype) = self._encode(loaded, hasher)
+        except NonFiniteMember as exc:
+            raise non_finite(files, g.members[exc.index]) from None
         summary.action, summary.setting = spec.codec, spec.label
         shas, base_rec = loaded.shas, dict(loaded.base_record)
         if isinstance(spec, GivenEncoding):  # a trained model's shared FFN: its own kind

@@ -9,6 +9,7 @@ compression time is what ``expand`` must reproduce.
 from __future__ import annotations
 
 import hashlib
+import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from .codecs.quant import METHODS
 from .codecs.sparse import MASKS, RESCALES
 from .constants import DEFAULT_GROUP_SIZE, QUANT_BITS
 from .errors import UsageError
+from .finite import all_finite
 from .records import ExpertGroup
 from .safetensors_io import DTYPE_NAMES, tensor_bytes
 from .stats import cos_from_norms, norm
@@ -188,22 +190,37 @@ class GivenEncoding:
 
 
 def synthesize(base: torch.Tensor, codec: str, params: dict, rows: dict[str, torch.Tensor],
-               member: int, dtype: str, base_c: torch.Tensor | None = None) -> torch.Tensor:
+               member: int, dtype: str, base_c: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """One member, flattened, in the group's dtype: cast(base + decoded delta) wherever the
     delta is defined, the base's own bits elsewhere. ``base_c`` is the base already in the
-    compute dtype, when the caller synthesizes several members."""
+    compute dtype, when the caller synthesizes several members; ``out`` a flat buffer of the
+    group's dtype to write the member into (reused buffers save a page fault per element)."""
     cd = compute_dtype(dtype)
     flat = base.reshape(-1)
     delta = get_codec(codec).decode(rows, params, member, flat.numel(), dtype)
+    if out is None:
+        out = torch.empty_like(flat)
     if isinstance(delta, ExactDelta):
-        return delta.apply(flat)
+        return out.copy_(delta.apply(flat))
     if isinstance(delta, SparseDelta):
         pos = delta.positions
         kept = torch.index_select(flat if base_c is None else base_c, 0, pos).to(cd)
-        return flat.clone().index_copy_(0, pos, (kept + delta.values).to(base.dtype))
+        return out.copy_(flat).index_copy_(0, pos, (kept + delta.values).to(base.dtype))
     if base_c is None:
         base_c = flat.to(cd)
-    return delta.add_(base_c).to(base.dtype)
+    return out.copy_(delta.add_(base_c))
+
+
+RECON_BUFFERS = 3  # reconstructions in flight: one being built, the others being hashed
+
+
+class NonFiniteMember(ValueError):
+    """Member ``index`` of a group holds a NaN or an infinity."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"member {index} holds NaN or Inf")
+        self.index = index
 
 
 def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: str,
@@ -211,10 +228,11 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
                  device: torch.device | None = None) -> EncodedGroup:
     """Encode ``[N, ...]`` members against ``base`` and measure each reconstruction.
 
-    One member at a time through reused compute-dtype buffers (on ``device``): memory is the
-    group itself plus a few members. Reconstructions are built from what the codec says
-    decoding will give (the arithmetic of ``synthesize``); their sha256 is taken on
-    ``hash_pool`` if given. The arrays come back on the CPU.
+    One member at a time through buffers allocated once per group (a fresh 15 MB tensor costs
+    more in page faults than the arithmetic on it): memory is the group itself plus a few
+    members. Reconstructions are built from what the codec says decoding will give (the
+    arithmetic of ``synthesize``); their sha256 is taken on ``hash_pool`` if given, while the
+    next member is encoded. The arrays come back on the CPU.
     """
     n_members = members.shape[0]
     flat = members.reshape(n_members, -1)
@@ -224,32 +242,40 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
     base_flat = base.reshape(-1).to(device or base.device)
     base_c = base_flat.to(cd)
     base_norm = norm(base_c)
-    w = torch.empty_like(base_c)
+    w, delta = torch.empty_like(base_c), torch.empty_like(base_c)
+    ring = [torch.empty(flat.shape[1], dtype=members.dtype) for _ in range(RECON_BUFFERS)]
     rows, shas, rel_error, cos, cos_base = [], [], [], [], []
     for i in range(n_members):
         w.copy_(flat[i])
         w_norm = norm(w)
-        delta = torch.sub(w, base_c)
-        d_norm = norm(delta)
+        # A NaN or an infinity makes the norm non-finite: the check costs no pass of its own.
+        # (So can squares that overflow: then the exact test decides.)
+        if not math.isfinite(w_norm) and not all_finite(flat[i]):
+            raise NonFiniteMember(i)
+        d_norm = norm(torch.sub(w, base_c, out=delta))
         cos_base.append(_six(cos_from_norms(w_norm, base_norm, d_norm)))
         if issubclass(impl, ExactCodec):
             row, decoded = impl.encode_exact(flat[i], base_flat, dtype, params, i)
         else:
+            # Codecs may overwrite ``delta`` but keep no reference to it in their rows.
             row, decoded = impl.encode_member(delta, dtype, params, i)
         rows.append(row)
+        recon = ring[i % RECON_BUFFERS]
+        if i >= RECON_BUFFERS and isinstance(shas[i - RECON_BUFFERS], Future):
+            shas[i - RECON_BUFFERS].result()  # its hash has read the buffer: it is free again
         if isinstance(decoded, ExactDelta):
-            recon, r_norm, e_norm = _exact_recon(base_flat, w, decoded)
+            exact, r_norm, e_norm = _exact_recon(base_flat, w, decoded)
+            recon.copy_(exact)
         elif isinstance(decoded, SparseDelta):
-            recon, r_norm, e_norm = _sparse_recon(base_flat, base_c, base_norm, w, d_norm,
-                                                  decoded)
+            r_norm, e_norm = _sparse_recon(base_flat, base_c, base_norm, w, d_norm, decoded,
+                                           recon)
         else:
-            recon, r_norm, e_norm = _dense_recon(base_c, w, decoded, members.dtype)
-        recon = recon.cpu()
+            r_norm, e_norm = _dense_recon(base_c, w, decoded, recon)
         view = tensor_bytes(recon)
         shas.append(hash_pool.submit(_sha, view, recon) if hash_pool else _sha(view, recon))
         rel_error.append(_six(e_norm / w_norm if w_norm else 0.0))
         cos.append(_six(cos_from_norms(r_norm, w_norm, e_norm)))
-        del delta, decoded
+        del decoded
     arrays, params = impl.combine(rows, params, flat.shape[1])
     arrays = {k: v.cpu() for k, v in arrays.items()}
     recon_sha = [s.result() if isinstance(s, Future) else s for s in shas]
@@ -257,12 +283,13 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
 
 
 def _dense_recon(base_c: torch.Tensor, w: torch.Tensor, decoded: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
-    """(reconstruction in the group's dtype, its norm, norm of its error)."""
-    recon = decoded.add_(base_c).to(dtype, copy=True)  # a copy: hashed in the background
-    recon_c = decoded.copy_(recon)
+                 recon: torch.Tensor) -> tuple[float, float]:
+    """Write the reconstruction (group dtype) into ``recon``; return its norm and the norm of
+    its error. ``decoded`` is the codec's own tensor: used as scratch."""
+    recon.copy_(decoded.add_(base_c))
+    recon_c = decoded.copy_(recon)  # back in the compute dtype, as rounded
     r_norm = norm(recon_c)
-    return recon, r_norm, norm(recon_c.sub_(w))
+    return r_norm, norm(recon_c.sub_(w))
 
 
 def _exact_recon(base_flat: torch.Tensor, w: torch.Tensor, decoded: ExactDelta
@@ -274,19 +301,19 @@ def _exact_recon(base_flat: torch.Tensor, w: torch.Tensor, decoded: ExactDelta
 
 
 def _sparse_recon(base_flat: torch.Tensor, base_c: torch.Tensor, base_norm: float,
-                  w: torch.Tensor, d_norm: float, decoded: SparseDelta
-                  ) -> tuple[torch.Tensor, float, float]:
+                  w: torch.Tensor, d_norm: float, decoded: SparseDelta, recon: torch.Tensor
+                  ) -> tuple[float, float]:
     """As ``_dense_recon`` for a delta defined at a few positions: only those are touched.
     Elsewhere the reconstruction is the base, so its error there is the delta itself and the
     norms follow from sums over the kept positions."""
     pos = decoded.positions
     kept_base = torch.index_select(base_c, 0, pos)
     kept = (kept_base + decoded.values).to(base_flat.dtype)
-    recon = base_flat.clone().index_copy_(0, pos, kept)
+    recon.copy_(base_flat).index_copy_(0, pos.cpu(), kept.cpu())
     kept_c, kept_w = kept.to(base_c.dtype), torch.index_select(w, 0, pos)
     r2 = base_norm**2 - norm(kept_base) ** 2 + norm(kept_c) ** 2
     e2 = d_norm**2 - norm(kept_w - kept_base) ** 2 + norm(kept_c - kept_w) ** 2
-    return recon, max(r2, 0.0) ** 0.5, max(e2, 0.0) ** 0.5
+    return max(r2, 0.0) ** 0.5, max(e2, 0.0) ** 0.5
 
 
 def _sha(view: memoryview, keep_alive: torch.Tensor) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,12 +68,13 @@ class GroupArrays:
     arrays: dict[str, torch.Tensor]
     archive: Path | None = None  # named by errors
 
-    def member(self, i: int) -> torch.Tensor:
+    def member(self, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Member ``i``, flattened (into ``out`` when given)."""
         g = self.record
         rows = get_codec(g.codec["name"]).member_rows(self.arrays, g.codec["params"], i)
         try:
             return synthesize(self.base, g.codec["name"], g.codec["params"], rows, i, g.dtype,
-                              self.base_c)
+                              self.base_c, out)
         except ValueError as exc:  # stored bytes that do not decode (an entropy coder's)
             raise CorruptArchiveError(f"group {g.key!r}: {exc}", self.archive) from None
 
@@ -188,6 +190,35 @@ def _write_member(reader: ArchiveReader, label: str, w: torch.Tensor, sha: str, 
     reporter.advance(len(data))
 
 
+class _Ring:
+    """A few member-sized buffers reused across a group's members: a fresh allocation per
+    member costs a page fault per 4 KiB (a third of expand's time on large experts). A slot is
+    reused only once the writer has finished with the member it held."""
+
+    SLOTS = 6
+
+    def __init__(self, parts: GroupArrays) -> None:
+        base, count = parts.base, len(parts.record.members)
+        self._bufs = ([torch.empty(base.numel(), dtype=base.dtype)
+                       for _ in range(min(self.SLOTS, count))]
+                      if base.device.type == "cpu" else [])
+        self._futures: list[Future | None] = [None] * len(self._bufs)
+        self._next = 0
+
+    def take(self) -> torch.Tensor | None:
+        if not self._bufs:
+            return None
+        slot = self._next
+        if self._futures[slot] is not None:
+            self._futures[slot].result()
+        return self._bufs[slot]
+
+    def guard(self, future: Future) -> None:
+        if self._bufs:
+            self._futures[self._next] = future
+            self._next = (self._next + 1) % len(self._bufs)
+
+
 def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fds: list[int],
                    reporter: Reporter, device: torch.device) -> None:
     """Stored arrays in archive order (the archive is read front to back): passthrough tensors
@@ -211,12 +242,16 @@ def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fd
                 if done < len(groups):
                     ahead = ahead_lane.submit(group_arrays, reader, groups[done], device)
                 g = parts.record
+                ring = _Ring(parts)
                 for i, member in enumerate(g.members):
                     rec = m.tensors[member.tensor]
                     entry = headers[rec.shard].tensors[member.tensor]
                     offset, _ = member.byte_range(entry.begin, entry.nbytes)
-                    writer.submit(_write_member, reader, member.label, parts.member(i),
-                                  g.recon_sha256[i], fds[rec.shard], offset, reporter)
+                    w = parts.member(i, ring.take())
+                    ring.guard(writer.submit(_write_member, reader, member.label, w,
+                                             g.recon_sha256[i], fds[rec.shard], offset,
+                                             reporter))
+                del ring
                 writer.submit(reporter.advance, 0, 1)
                 del parts
                 release_memory()

@@ -60,9 +60,11 @@ class LoadedGroup:
 
 
 def read_members(files: ShardFiles, ckpt: Checkpoint, members: tuple[Member, ...], dtype: str,
-                 shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, str]]:
+                 shape: tuple[int, ...], check_finite: bool = True
+                 ) -> tuple[torch.Tensor, dict[str, str]]:
     """Members as one ``[N, *shape]`` tensor, and the sha256 of each tensor they live in (a
-    fused tensor's slices, hashed in order, are the whole tensor)."""
+    fused tensor's slices, hashed in order, are the whole tensor). ``check_finite``: refuse a
+    NaN or Inf here (callers that compute norms anyway check those instead)."""
     out = torch.empty((len(members), *shape), dtype=TORCH_DTYPES[dtype])
     flat = out.view(len(members), -1).view(torch.uint8)
     views = []
@@ -78,11 +80,15 @@ def read_members(files: ShardFiles, ckpt: Checkpoint, members: tuple[Member, ...
         for _, i in parts:
             sha.update(views[i])
         shas[name] = sha.hexdigest()
-    if not all_finite(out):
-        bad = next(m for i, m in enumerate(members) if not all_finite(out[i]))
-        raise InputError(f"tensor {bad.label!r} contains NaN or Inf; ders will not decompose it",
-                         files.of(bad.tensor).path)
+    if check_finite and not all_finite(out):
+        bad = next(i for i in range(len(members)) if not all_finite(out[i]))
+        raise non_finite(files, members[bad])
     return out, shas
+
+
+def non_finite(files: ShardFiles, member: Member) -> InputError:
+    return InputError(f"tensor {member.label!r} contains NaN or Inf; ders will not decompose it",
+                      files.of(member.tensor).path)
 
 
 @dataclass
@@ -96,9 +102,9 @@ class Fetched:
 
 
 def fetch_group(files: ShardFiles, ckpt: Checkpoint, g: ExpertGroup,
-                candidates: tuple[Member, ...] = ()) -> Fetched:
+                candidates: tuple[Member, ...] = (), check_finite: bool = True) -> Fetched:
     """Read a group's members and its shared-FFN candidates (I/O and hashing only)."""
-    weights, shas = read_members(files, ckpt, g.members, g.dtype, g.shape)
+    weights, shas = read_members(files, ckpt, g.members, g.dtype, g.shape, check_finite)
     extra = [(c, *read_members(files, ckpt, (c,), g.dtype, g.shape)) for c in candidates]
     return Fetched(g, weights, shas, extra)
 

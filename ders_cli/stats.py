@@ -33,13 +33,28 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return cos_from_norms(norm(a), norm(b), norm(a - b))
 
 
+_MEAN_CHUNK = 1 << 18  # elements summed at a time: the accumulators stay in cache
+
+
 def mean_base(members: torch.Tensor) -> torch.Tensor:
-    """Element-wise mean of ``[N, ...]`` members, summed in expert order, in their own dtype."""
+    """Element-wise mean of ``[N, ...]`` members, summed in expert order, in their own dtype.
+
+    Summed a chunk of elements at a time (the same additions in the same order, so the same
+    bits), which keeps the accumulator in cache: several times faster than whole rows."""
     cd = torch.float64 if members.dtype == torch.float64 else torch.float32
-    acc = members[0].to(cd, copy=True)  # summed in place: never alias the caller's members
-    for m in members[1:]:
-        acc += m
-    return (acc / members.shape[0]).to(members.dtype)
+    flat = members.reshape(members.shape[0], -1)
+    n = flat.shape[1]
+    out = torch.empty(n, dtype=members.dtype, device=members.device)
+    acc = torch.empty(min(n, _MEAN_CHUNK), dtype=cd, device=members.device)
+    row = torch.empty_like(acc)
+    for start in range(0, n, _MEAN_CHUNK):
+        end = min(n, start + _MEAN_CHUNK)
+        a, b = acc[: end - start], row[: end - start]
+        a.copy_(flat[0, start:end])
+        for i in range(1, flat.shape[0]):
+            a += b.copy_(flat[i, start:end])
+        out[start:end] = a.div_(flat.shape[0])
+    return out.view(members.shape[1:])
 
 
 def member_stats(members: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,8 +123,11 @@ def test_group_round_trip(n_members, shape, dtype, seed, spec):
         # What each setting may lose, relative to the delta it encodes (plus dtype rounding).
         eps = float(torch.finfo(members.dtype).eps)
         if isinstance(spec, SparseSpec):
+            # Dropped elements lose their delta, kept ones gain (n/k - 1) times theirs: the
+            # error is at most max(1, n/k - 1) times the delta (its typical value is
+            # sqrt(n/k - 1) times, but a tiny member can put all of it in one kept element).
             keep = params["keep"] / group.numel
-            allowed = float(delta) * ((1 / keep - 1) ** 0.5 if 0 < keep < 1 else float(keep == 0))
+            allowed = float(delta) * (max(1.0, 1 / keep - 1) if keep else 1.0)
         else:
             allowed = float(delta) * {1: 1.0, 2: 0.7, 3: 0.35, 4: 0.2, 8: 0.02}[spec.bits]
         assert rel <= allowed * 1.5 + 2 * eps
