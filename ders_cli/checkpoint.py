@@ -53,6 +53,12 @@ class Checkpoint:
     def side_bytes(self) -> int:
         return sum((self.root / p).stat().st_size for p in self.side_files)
 
+    @property
+    def disk_bytes(self) -> int:
+        """The checkpoint as ``du`` sees it: whole shard files (headers included) and side
+        files; every "of original" ratio divides by this."""
+        return sum(s.header.file_size for s in self.shards) + self.side_bytes
+
     def entry(self, name: str) -> TensorEntry:
         return self.where[name][1]
 

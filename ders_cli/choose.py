@@ -75,7 +75,7 @@ def plan_target(ckpt: Checkpoint, found: Found, fraction: float) -> dict[str, Co
     fixed = 8 + reserve + (-reserve % 8) + sum(len(s.header.raw) for s in ckpt.shards)
     fixed += ckpt.side_bytes + sum(e.nbytes for n, (_, e) in ckpt.where.items()
                                    if n not in grouped)
-    original = ckpt.tensor_bytes + ckpt.side_bytes
+    original = ckpt.disk_bytes
     budget = fraction * original - fixed
     # Plan as if every shared-FFN candidate joined: the larger of the two outcomes.
     groups = [with_members(g, found.shared.get(g.key, ())) for g in found.groups]

@@ -77,7 +77,7 @@ class GroupSummary:
 class CompressResult:
     archive: Path
     setting: str
-    input_bytes: int  # tensor data plus side files of the checkpoint
+    input_bytes: int  # the checkpoint's shard files and side files
     archive_bytes: int
     header_bytes: int
     groups: list[GroupSummary] = field(default_factory=list)
@@ -156,7 +156,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     return CompressResult(
         archive=dest,
         setting=spec.label if spec is not None else "given",
-        input_bytes=ckpt.tensor_bytes + ckpt.side_bytes,
+        input_bytes=ckpt.disk_bytes,
         archive_bytes=size,
         header_bytes=size - writer.data_bytes,
         groups=job.summaries,

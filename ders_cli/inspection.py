@@ -63,6 +63,7 @@ class InspectReport:
     upcycled_params: int
     tensor_bytes: int
     side_bytes: int
+    checkpoint_bytes: int  # shard files and side files, as on disk
     groups: list[GroupReport] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     estimates: list[Estimate] = field(default_factory=list)
@@ -88,7 +89,7 @@ def inspect_model(model: str | Path, *, base: str | Path = "mean",
     found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
     matcher = DenseMatcher(open_checkpoint(base), threshold) if str(base) != "mean" else None
     report = InspectReport(str(model), threshold, sum(e.numel for _, e in ckpt.where.values()),
-                           0, 0, ckpt.tensor_bytes, ckpt.side_bytes,
+                           0, 0, ckpt.tensor_bytes, ckpt.side_bytes, ckpt.disk_bytes,
                            skipped=[{"key": s.key, "reason": s.reason} for s in found.skipped])
     final: dict[str, ExpertGroup | None] = {}
     reporter.start("inspect", sum(g.nbytes for g in found.groups), len(found.groups))
@@ -121,7 +122,7 @@ def inspect_model(model: str | Path, *, base: str | Path = "mean",
     finally:
         if matcher is not None:
             matcher.close()
-    original = ckpt.tensor_bytes + ckpt.side_bytes
+    original = ckpt.disk_bytes
     for spec in SETTINGS:
         size = planned_size(ckpt, found, final, spec)
         report.estimates.append(Estimate(spec.label, size, size / original if original else 0))

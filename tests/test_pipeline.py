@@ -269,7 +269,11 @@ def test_verify_reports_bytes_by_layer_and_projection(model, tmp_path):
     assert report.expert_ratio == pytest.approx(
         sum(g.stored_bytes for g in result.groups) / sum(g.original_bytes for g in result.groups))
     assert report.archive_bytes == result.archive_bytes
-    assert report.checkpoint_bytes == sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+    on_disk = sum(f.stat().st_size for f in model.rglob("*") if f.is_file())
+    # compress, verify and inspect divide by the same "original": the folder as du sees it
+    assert report.checkpoint_bytes == result.input_bytes == on_disk
+    assert ders.inspect_model(model).checkpoint_bytes == on_disk
+    assert report.ratio == pytest.approx(result.ratio)
     doc = report.to_dict()
     assert {"expert_ratio", "ratio", "max_rel_error"} <= set(doc)
     assert {"layer", "projection", "stored_bytes", "original_bytes", "rel_error", "cos",

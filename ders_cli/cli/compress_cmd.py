@@ -14,7 +14,7 @@ from ..compress import CompressResult, compress
 from ..constants import DEFAULT_GROUP_SIZE
 from ..decompose import CodecSpec, LosslessSpec, QuantSpec, SparseSpec
 from ..errors import UsageError
-from .console import RichReporter, human_bytes, natural_key, out, print_json, reported
+from .console import RichReporter, human_bytes, natural_key, out, print_json, reported, shown
 from .options import (
     DEFAULT_THRESHOLD,
     AllGroupsOpt,
@@ -148,5 +148,5 @@ def show(r: CompressResult, seconds: float) -> None:
                       "-" if passthrough else f"{g.max_rel_error:.2e}",
                       "-" if passthrough else f"{g.min_cos:.6f}")
     out.print(table)
-    out.print(f"wrote [bold]{r.archive}[/]: {human_bytes(r.archive_bytes)}, "
+    out.print(f"wrote [bold]{shown(r.archive)}[/]: {human_bytes(r.archive_bytes)}, "
               f"{r.ratio:.1%} of {human_bytes(r.input_bytes)}, in {seconds:.1f} s")

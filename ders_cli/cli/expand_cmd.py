@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..expand import expand
-from .console import RichReporter, human_bytes, out, print_json, reported
+from .console import RichReporter, human_bytes, out, print_json, reported, shown
 from .options import ArchiveArg, DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt
 
 
@@ -19,5 +19,5 @@ def expand_cmd(archive: ArchiveArg, out_path: OutOpt = None, device: DeviceOpt =
     if json:
         print_json(result.to_dict())
         return
-    out.print(f"wrote [bold]{result.folder}[/]: {len(result.files)} files, "
+    out.print(f"wrote [bold]{shown(result.folder)}[/]: {len(result.files)} files, "
               f"{human_bytes(result.bytes_written)}, in {time.perf_counter() - start:.1f} s")

@@ -87,13 +87,14 @@ def show(r: InspectReport) -> None:
     out.print(f"parameters: {human_count(r.total_params)}; in expert groups: "
               f"{human_count(r.expert_params)} ({r.expert_share:.1%}); upcycled: "
               f"{human_count(r.upcycled_params)}")
-    est = Table(title="What each setting would write (at most: bases are counted raw, and "
-                      "zstd-coded they take about a third less)", title_justify="left")
+    est = Table(title="What each setting would write", title_justify="left")
     for col in ("setting", "archive", "of original", "saved"):
         est.add_column(col, justify="left" if col == "setting" else "right")
-    original = r.tensor_bytes + r.side_bytes
+    original = r.checkpoint_bytes
     est.add_row("original", human_bytes(original), "100.0%", "")
     for e in r.estimates:
         est.add_row(e.setting, human_bytes(e.archive_bytes), f"{e.ratio:.1%}",
                     human_bytes(original - e.archive_bytes))
     out.print(est)
+    out.print("[dim]at most: bases are counted raw here; zstd-coded they take about a third "
+              "less[/]")

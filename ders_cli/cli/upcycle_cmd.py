@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..training.upcycle import UpcycleSpec
-from .console import RichReporter, human_bytes, out, print_json, reported
+from .console import RichReporter, human_bytes, out, print_json, reported, shown
 from .options import ForceOpt, JsonOpt, QuietOpt
 
 DenseArg = Annotated[Path, typer.Argument(
@@ -58,7 +58,7 @@ def upcycle_cmd(
         return
     stored = sum(g.stored_bytes for g in result.groups)
     members = result.groups[0].members if result.groups else 0
-    out.print(f"wrote [bold]{result.archive}[/]: {len(result.groups)} expert groups of "
+    out.print(f"wrote [bold]{shown(result.archive)}[/]: {len(result.groups)} expert groups of "
               f"{members} members, {human_bytes(stored)} of shared FFNs and deltas, "
               f"{human_bytes(result.archive_bytes)} in all, in {time.perf_counter() - start:.1f} s")
     out.print(f"train it: ders_cli.training.load_trainable({str(result.archive)!r}); "
