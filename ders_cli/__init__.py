@@ -8,8 +8,13 @@ Everything the ``ders`` command does is a function here::
     result = ders.compress("model/", ders.SparseSpec(drop=0.9), "model.ders")
     result = ders.compress("model/", ders.QuantSpec(bits=2), "q2.ders")
     result = ders.compress("model/", ders.LosslessSpec(), "exact.ders")
+    result = ders.compress("model/", ders.TargetSpec(max_error=0.005), "e.ders")
     ders.verify("model.ders", against="model/")
     ders.expand("model.ders", "restored/")
+    ders.upcycle_checkpoint("dense/", "moe.ders", ders.UpcycleSpec(experts=4))
+    model = ders.load_from_archive("model.ders", mode="factored")  # inference, no expand
+
+The last two need transformers and are imported on first use.
 """
 
 import sys
@@ -18,6 +23,7 @@ if sys.byteorder != "little":  # safetensors and the archive are little-endian o
     raise ImportError("ders needs a little-endian machine")
 
 from .archive import ArchiveReader
+from .choose import TargetSpec
 from .compress import CompressResult, compress
 from .decompose import LosslessSpec, QuantSpec, SparseSpec
 from .errors import (
@@ -41,6 +47,23 @@ def quantize(model, bits: int, out=None, *, group_size: int = 128, **kwargs) -> 
     return compress(model, QuantSpec(bits, group_size), out, **kwargs)
 
 
+# transformers-backed parts: loaded on first use, so that `import ders_cli` stays light.
+_LAZY = {
+    "upcycle_checkpoint": ("training.archive_io", "upcycle_checkpoint"),
+    "UpcycleSpec": ("training.upcycle", "UpcycleSpec"),
+    "load_from_archive": ("runtime", "load_from_archive"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        module, attr = _LAZY[name]
+        return getattr(import_module(f".{module}", __name__), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ArchiveReader",
     "CompressResult",
@@ -54,6 +77,8 @@ __all__ = [
     "OutputExistsError",
     "QuantSpec",
     "SparseSpec",
+    "TargetSpec",
+    "UpcycleSpec",
     "UsageError",
     "VerificationFailed",
     "VerifyReport",
@@ -61,6 +86,8 @@ __all__ = [
     "compress",
     "expand",
     "inspect_model",
+    "load_from_archive",
     "quantize",
+    "upcycle_checkpoint",
     "verify",
 ]

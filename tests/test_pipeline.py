@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -278,3 +280,11 @@ def test_verify_reports_bytes_by_layer_and_projection(model, tmp_path):
     assert {"expert_ratio", "ratio", "max_rel_error"} <= set(doc)
     assert {"layer", "projection", "stored_bytes", "original_bytes", "rel_error", "cos",
             "max_rel_error", "min_cos"} <= set(doc["groups"][0])
+
+
+def test_everything_the_cli_does_is_importable_from_the_package():
+    for name in ders.__all__:
+        assert getattr(ders, name) is not None, name
+    # transformers waits for the training and inference entry points
+    code = "import sys, ders_cli; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
