@@ -323,6 +323,13 @@ def flatness(rows: list[Row]) -> list[str]:
     return [f"Peak RSS from {sizes[0]} to {sizes[-1]}: " + "; ".join(out) + "."]
 
 
+def write_json(path: Path, rows: list[Row], cache: CacheControl, startup: Measured) -> None:
+    path.write_text(json.dumps({"machine": machine(), "page_cache": cache.state,
+                                "startup_seconds": startup.seconds,
+                                "startup_peak_rss": startup.peak_rss,
+                                "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Benchmark ders against read+write, zstd, xz.")
     ap.add_argument("--sizes", default="0.25,1", help="checkpoint sizes in GB, comma-separated")
@@ -360,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             size_dir.mkdir()
             rows += bench_size(gb, size_dir, cache, a.shard_gb, a.hidden, a.keep, log,
                                a.xz_max_gb)
+            # A full run takes most of an hour: keep what is done if it is cut short.
+            log(table(rows))
+            if a.json:
+                write_json(a.json, rows, cache, startup)
     finally:
         if a.keep:
             log(f"kept {work}")
@@ -390,10 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(f"- {n}" for n in notes))
     if a.json:
-        a.json.write_text(json.dumps({"machine": info, "page_cache": cache.state,
-                                      "startup_seconds": startup.seconds,
-                                      "startup_peak_rss": startup.peak_rss,
-                                      "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        write_json(a.json, rows, cache, startup)
     return 0 if all(r.ok for r in rows) else 1
 
 
