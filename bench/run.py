@@ -1,8 +1,8 @@
 """The ders benchmark: size, speed and memory of every command on synthetic upcycled
 checkpoints, against a plain read-and-write of the same bytes and against zstd and xz.
 
-    python -m bench.run                      # 0.25 and 1 GB: a few minutes
-    python -m bench.run --sizes 1,4,16       # the full run (needs ~3.5x the largest size free)
+    python -m bench.run                      # 0.25 and 1 GB: ten minutes, most of it xz
+    python -m bench.run --sizes 0.25,1,4,16  # the full run: an hour, ~3.5x the largest size free
     python -m bench.run --json results.json --keep
 
 Every command runs in a process of its own, so each peak RSS is that command's alone (read from
