@@ -367,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             size_dir.mkdir()
             rows += bench_size(gb, size_dir, cache, a.shard_gb, a.hidden, a.keep, log,
                                a.xz_max_gb)
-            # A full run takes most of an hour: keep what is done if it is cut short.
+            # A full run takes most of an hour: keep what is done if it is cut short. After the
+            # last size this is the whole result.
             log(table(rows))
             if a.json:
                 write_json(a.json, rows, cache, startup)
@@ -400,8 +401,6 @@ def main(argv: list[str] | None = None) -> int:
         "docs/FORMAT.md); its expand row compares the sha256 of every restored file.",
     ]
     print("\n".join(f"- {n}" for n in notes))
-    if a.json:
-        write_json(a.json, rows, cache, startup)
     return 0 if all(r.ok for r in rows) else 1
 
 
