@@ -7,6 +7,10 @@ store matrices as [in, out] (Llama-4, gpt-oss, DBRX's w2). So the candidates for
 dense tensors of its layer, transposed or not, and ordered pairs of them concatenated or
 interleaved along rows (and transposed), whichever have the member's shape; the one most like
 the group's mean is the base.
+
+Where the member's family is known (``families.py``), its entry names the dense tensors and how
+they are joined and oriented, and that one candidate is tried first; the search over every
+candidate runs only when it is absent or not similar enough (another family's or unusual names).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .checkpoint import Checkpoint, ShardFiles
 from .constants import FLOAT_DTYPES
 from .detect import layer_key, layer_of
 from .errors import InputError
+from .families import members_of
 from .records import ExpertGroup
 from .safetensors_io import TORCH_DTYPES
 from .stats import cosine
@@ -29,6 +34,14 @@ Candidate = tuple[str, Callable[[], torch.Tensor]]
 
 def _interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([a, b], dim=1).reshape(2 * a.shape[0], *a.shape[1:])
+
+
+def _cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.cat([a, b])
+
+
+# How gate and up rows are joined into one matrix, by the name of Form.gate_up in families.py.
+JOINS = {"halves": ("cat", _cat), "interleaved": ("interleave", _interleave)}
 
 
 class DenseMatcher:
@@ -71,27 +84,64 @@ class DenseMatcher:
             if shape[a] != shape[b]:
                 continue
             rows, cols = shape[a]
-            joins = {"cat": lambda a=a, b=b: torch.cat([self._load(a), self._load(b)]),
-                     "interleave": lambda a=a, b=b: _interleave(self._load(a), self._load(b))}
-            for how, make in joins.items():
+            for how, join in JOINS.values():
+                def make(a=a, b=b, join=join):
+                    return join(self._load(a), self._load(b))
+
                 if (2 * rows, cols) == target:
                     yield f"{how}({a}, {b})", make
                 if (cols, 2 * rows) == target:
                     yield f"{how}({a}, {b}).T", lambda make=make: make().T
+
+    def _family_candidates(self, group: ExpertGroup) -> Iterator[Candidate]:
+        """What the families that name this member say its dense source is: the dense FFN's
+        tensors of the member's roles, joined and oriented as the family's form holds them."""
+        matrices = set(self._matrices)
+        for family, _, proj, prefix in members_of(group.members[0].tensor):
+            names = [family.dense.name(prefix, role) for role in proj.roles]
+            if not names or not all(n in matrices for n in names):
+                continue
+            form = proj.form
+            if len(names) == 1:
+                desc, make = names[0], lambda n=names[0]: self._load(n)
+            elif len(names) == 2 and form is not None and form.gate_up in JOINS:
+                how, join = JOINS[form.gate_up]
+                desc = f"{how}({names[0]}, {names[1]})"
+
+                def make(a=names[0], b=names[1], join=join):
+                    return join(self._load(a), self._load(b))
+            else:
+                continue
+            if form is not None and form.inner == "in,out":
+                yield f"{desc}.T", lambda make=make: make().T
+            else:
+                yield desc, make
+
+    def _best(self, group: ExpertGroup, mean: torch.Tensor, candidates: Iterator[Candidate]
+              ) -> tuple[float, str, torch.Tensor | None]:
+        best: tuple[float, str, torch.Tensor | None] = (-2.0, "", None)
+        seen = set()
+        for desc, make in candidates:
+            if desc in seen:
+                continue
+            seen.add(desc)
+            t = make().contiguous()
+            if tuple(t.shape) != tuple(group.shape):
+                continue
+            cos = cosine(mean, t)
+            if cos > best[0]:
+                best = (cos, desc, t)
+        return best
 
     def match(self, group: ExpertGroup, mean: torch.Tensor) -> tuple[str, torch.Tensor, float]:
         """(description of the dense source, its weights in the group's dtype and shape, cosine
         to the group's mean)."""
         names = self._layer_tensors(group)
         layer = layer_key(group.members[0].tensor) or "the checkpoint"
-        best: tuple[float, str, torch.Tensor | None] = (-2.0, "", None)
         m = mean.float()
-        for desc, make in self._candidates(group, names):
-            t = make().contiguous()
-            cos = cosine(m, t)
-            if cos > best[0]:
-                best = (cos, desc, t)
-        cos, desc, t = best
+        cos, desc, t = self._best(group, m, self._family_candidates(group))
+        if t is None or cos < self.threshold:
+            cos, desc, t = self._best(group, m, self._candidates(group, names))
         where = self.dense.root
         if t is None:
             raise InputError(f"no dense tensor of {layer} can form shape {list(group.shape)} "

@@ -1,6 +1,8 @@
 """Finding expert groups from tensor names and shapes, without configuration.
 
-Three on-disk forms (see LAYOUTS in the docs):
+Three on-disk forms (the names each family uses are in ``families.py``; detection takes its
+vocabulary from there but decides by names and shapes, so families without an entry are found
+too):
 
 - per-expert tensors: one integer component (or ``expert_{E}``) that follows an experts-like
   component at most two places before it: ``...experts.{E}.w1.weight``,
@@ -23,19 +25,13 @@ import re
 from dataclasses import dataclass, field, replace
 
 from .constants import FLOAT_DTYPES
+from .families import VOCABULARY
 from .records import ExpertGroup, Member
 from .safetensors_io import TensorEntry
 
-# Family knowledge as data.
-EXPERT_CONTAINERS = frozenset({"experts", "deepspeed_experts", "local_experts"})
-FUSED_COMPONENTS = frozenset({"input_linear", "output_linear"})  # Granite, JetMoE
-SHARED_CONTAINERS = ("shared_expert", "shared_experts", "meta_moe", "residual_mlp",
-                     "universal_expert", "shared_mlp")
 COMPANION_SUFFIXES = ("_scale_inv", "_scales", "_blocks", "weight_scale", "input_scale",
                       ".qweight", ".qzeros", ".scales", ".g_idx")
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 _EXPERT_ITEM = re.compile(r"^expert_(\d+)$")
-_LAYER_CONTAINERS = frozenset({"layers", "layer", "h", "blocks", "block"})
 _WINDOW = 2
 
 
@@ -68,7 +64,7 @@ def expert_slot(name: str) -> tuple[str, int] | None:
             if not m:
                 continue
             index, form = int(m.group(1)), "expert_{E}"
-        if any(p in EXPERT_CONTAINERS for p in parts[max(0, j - _WINDOW) : j]):
+        if any(p in VOCABULARY.containers for p in parts[max(0, j - _WINDOW) : j]):
             return ".".join([*parts[:j], form, *parts[j + 1 :]]), index
     return None
 
@@ -83,7 +79,7 @@ def layer_key(name: str) -> str | None:
     """The name up to its layer index (``model.encoder.layers.3``), if it has one."""
     parts = name.split(".")
     for j in range(1, len(parts)):
-        if parts[j].isdigit() and parts[j - 1] in _LAYER_CONTAINERS:
+        if parts[j].isdigit() and parts[j - 1] in VOCABULARY.layers:
             return ".".join(parts[: j + 1])
     return None
 
@@ -92,11 +88,11 @@ def expert_count_hint(config: dict | None) -> int | None:
     """The number of experts a config.json declares, under any family's key."""
     if not isinstance(config, dict):
         return None
-    for scope in (config, config.get("ffn_config"), config.get("text_config"),
-                  config.get("moe")):
+    for name in VOCABULARY.count_scopes:
+        scope = config.get(name) if name else config
         if not isinstance(scope, dict):
             continue
-        for key in EXPERT_COUNT_KEYS:
+        for key in VOCABULARY.count_keys:
             value = scope.get(key)
             if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
                 value = max(value)  # MoE-LLaVA lists a count per MoE layer
@@ -160,10 +156,10 @@ def _disqualify(names: tuple[str, ...], entries: dict[str, TensorEntry]) -> str:
 
 def _fused_group(e: TensorEntry, hint: int | None) -> ExpertGroup | None:
     parts = e.name.split(".")
-    under_experts = any(p in EXPERT_CONTAINERS for p in parts)
+    under_experts = any(p in VOCABULARY.containers for p in parts)
     if e.dtype not in FLOAT_DTYPES or e.numel == 0:
         return None
-    if len(e.shape) >= 3 and (under_experts or any(p in FUSED_COMPONENTS for p in parts)):
+    if len(e.shape) >= 3 and (under_experts or any(p in VOCABULARY.fused for p in parts)):
         count, shape = e.shape[0], e.shape[1:]
     elif (len(e.shape) == 2 and under_experts and hint is not None and e.shape[0] % hint == 0
           and e.shape[0] > hint):
@@ -191,11 +187,11 @@ def _shared_candidates(g: ExpertGroup, entries: dict[str, TensorEntry]) -> tuple
     else:
         return ()
     parts = head.split(".")
-    container = max(i for i, p in enumerate(parts) if p in EXPERT_CONTAINERS)
+    container = max(i for i, p in enumerate(parts) if p in VOCABULARY.containers)
     out = []
     for depth in range(container, 0, -1):
         ancestor = ".".join(parts[:depth])
-        for shared in SHARED_CONTAINERS:
+        for shared in VOCABULARY.shared:
             name = f"{ancestor}.{shared}.{suffix}"
             e = entries.get(name)
             if e is not None and e.shape == g.shape and e.dtype == g.dtype:

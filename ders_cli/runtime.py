@@ -32,8 +32,8 @@ from .constants import INDEX_SEED
 from .decompose import synthesize
 from .errors import InputError, UsageError
 from .expand import group_arrays
+from .families import ROLES
 from .hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
-from .hf.layouts import ROLES
 from .hf.skeleton import assign, empty_model, tie_and_check
 from .records import GroupRecord
 from .safetensors_io import TORCH_DTYPES

@@ -200,3 +200,58 @@ def test_dense_base_is_found_in_every_layout(built, name, tmp_path):
             else:
                 assert source in (names["w"], names["w"] + ".T")
     assert ders.verify(tmp_path / "a.ders", against=src).ok
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_family_table_names_every_group(built, name):
+    """ders_cli.families, which the runtime and --base DENSE read, names every group detection
+    finds in what transformers (or the family's own code) wrote, with one role per matrix."""
+    from ders_cli.families import members_of
+
+    family = {spec.family for spec in LAYOUTS[name].experts}
+    _, found = detect(built(name))
+    firsts = [g.members[0].tensor for g in found.groups]
+    firsts += [s.members[0] for s in found.skipped if "F8_E4M3" in s.reason]
+    for tensor in firsts:
+        hits = members_of(tensor)
+        assert family & {f.name for f, *_ in hits}, tensor
+        assert len({p.roles for _, _, p, _ in hits}) == 1, tensor  # families agree on roles
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "fp8" not in n and LAYOUTS[n].experts])
+def test_dense_base_named_as_the_family_says_needs_no_search(built, name, tmp_path,
+                                                             monkeypatch):
+    """With the dense model's own names (Mistral's for Mixtral, Phi-2's for Med-MoE, ...), the
+    family's entry alone gives every group's dense source: the brute-force search never runs."""
+    from ders_cli.dense_base import DenseMatcher
+    from ders_cli.families import members_of
+    from fixtures.layouts import read_member
+    from fixtures.synthetic import write_model
+
+    expect = LAYOUTS[name].expectations()
+    src = built(name)
+    dense, sources = {}, {}
+    for group in expect["expert_groups"]:
+        first = group[0]
+        tensor = first.split("[")[0]
+        family, _, proj, prefix = next(
+            h for h in members_of(tensor) if h[0].name == LAYOUTS[name].experts[0].family)
+        member = read_member(src, first, len(group)) * 0.999
+        names = [family.dense.name(prefix, role) for role in proj.roles]
+        for n, w in zip(names, dense_weights(member, expect["fused"].get(tensor)).values(),
+                        strict=True):
+            dense[n] = w.contiguous().to(torch.bfloat16)
+        sources[first] = names
+    dense_dir = write_model(tmp_path / "dense", dense)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the brute-force search ran")
+
+    monkeypatch.setattr(DenseMatcher, "_candidates", no_search)
+    ders.compress(src, ders.QuantSpec(4), tmp_path / "a.ders", base=dense_dir)
+    with ders.ArchiveReader(tmp_path / "a.ders") as reader:
+        for g in reader.manifest.groups:
+            source = g.base["source"]
+            assert g.base["kind"] == "dense"
+            names = sources[g.members[0].label]
+            assert all(n in source for n in names), (source, names)

@@ -28,7 +28,7 @@ def built(request, tmp_path_factory):
 def _count(layout: Layout, member: str) -> int:
     """Experts in the spec that owns ``member`` (to view fused tensors as [E, ...])."""
     for spec in layout.experts:
-        for block, proj in itertools.product(spec.blocks, spec.projs + spec.optional):
+        for block, proj in itertools.product(spec.layers, spec.projs + spec.optional):
             if member in spec.members(block, proj):
                 return spec.count
     raise KeyError(member)

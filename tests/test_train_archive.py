@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from ders_cli import ArchiveReader, expand, verify
 from ders_cli.cli.app import app
 from ders_cli.expand import group_arrays
-from ders_cli.hf.layouts import layout_of
+from ders_cli.families import for_model_type
 from ders_cli.training import DersProjection, SparseDelta, upcycle_model
 from ders_cli.training.archive_io import load_trainable, save_archive
 from fixtures.tiny_dense import save_tiny_dense, tiny_dense
@@ -49,7 +49,7 @@ def saved(request, tmp_path_factory):
 def test_the_archive_verifies_and_its_groups_hold_the_trained_deltas(saved):
     model, result, tmp = saved
     assert verify(tmp / "moe.ders").ok
-    layout = layout_of(model.config.model_type)
+    layout = for_model_type(model.config.model_type)
     projs = [m for m in model.modules() if isinstance(m, DersProjection)]
     with ArchiveReader(tmp / "moe.ders") as r:
         groups = r.manifest.groups

@@ -11,8 +11,8 @@ import torch
 
 from ..archive import ArchiveReader
 from ..errors import InputError
+from ..families import RUNTIME_MODEL_TYPES, Family, for_model_type
 from ..records import GroupRecord
-from .layouts import LAYOUTS, MoeLayout, layout_of
 from .skeleton import config_from_bytes
 
 CONFIG_FILE = "config.json"
@@ -34,7 +34,7 @@ class ExpertSlot:
 class ArchiveModel:
     reader: ArchiveReader
     config: Any
-    layout: MoeLayout
+    layout: Family
     slots: dict[tuple[int, str], ExpertSlot]
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -65,10 +65,10 @@ def open_archive_model(reader: ArchiveReader) -> ArchiveModel:
         raise InputError(f"has no {CONFIG_FILE}: not an archive of a transformers model",
                          reader.path)
     config = config_from_bytes(bytes(reader.read_bytes(config_rec.array)))
-    layout = layout_of(config.model_type)
+    layout = for_model_type(config.model_type)
     if layout is None:
         raise InputError(f"model type {config.model_type!r} has no known expert layout (known: "
-                         f"{', '.join(sorted(LAYOUTS))})", reader.path)
+                         f"{', '.join(sorted(RUNTIME_MODEL_TYPES))})", reader.path)
     slots: dict[tuple[int, str], ExpertSlot] = {}
     for g in m.groups:
         where = [layout.parse(mem.tensor) if mem.slice is None else None for mem in g.members]

@@ -26,8 +26,8 @@ from ..constants import INDEX_SEED
 from ..decompose import GivenEncoding
 from ..errors import InputError, UsageError
 from ..expand import group_arrays
+from ..families import ROLES, for_model_type
 from ..hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
-from ..hf.layouts import ROLES, layout_of
 from ..hf.skeleton import (
     assign,
     empty_model,
@@ -52,7 +52,7 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
     ``side_files`` (tokenizer files, a README...) are stored too, and restored by ``expand``.
     """
     out = Path(out)
-    layout = layout_of(model.config.model_type)
+    layout = for_model_type(model.config.model_type)
     blocks = _ders_blocks(model)
     if layout is None or not blocks:
         raise UsageError("the model has no DeRS experts: save a vanilla MoE with "

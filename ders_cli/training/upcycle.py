@@ -23,7 +23,7 @@ from torch import nn
 
 from ..codecs.sparse import keep_count
 from ..errors import UsageError
-from ..hf.layouts import ROLES
+from ..families import ROLES
 from ..hf.skeleton import assign, empty_model, tie_and_check
 from .deltas import LowRankDelta, SparseDelta
 from .experts import DersExperts, DersProjection, DersSharedExpert
