@@ -35,7 +35,6 @@ from .errors import CorruptArchiveError, InputError, NewerFormatError
 from .records import Manifest
 from .safetensors_io import (
     DTYPE_NAMES,
-    TORCH_DTYPES,
     Header,
     TensorEntry,
     TensorFile,
@@ -318,9 +317,6 @@ class ArchiveReader:
     def _compare(self, name: str, digest: str) -> None:
         if digest != self.manifest.stored[name]:
             raise CorruptArchiveError(f"checksum mismatch in stored array {name!r}", self.path)
-
-    def dtype_of(self, name: str) -> torch.dtype:
-        return TORCH_DTYPES[self.entry(name).dtype]
 
 
 def _looks_like_archive(path: Path) -> bool:
