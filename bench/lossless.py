@@ -1,5 +1,6 @@
 """Lossless mode on real weights: ``ders compress --lossless`` against zstd and xz on the same
-file, and what each choice in the coding of residuals is worth (docs/FORMAT.md 5.4 cites it).
+file, and what each choice in the coding of residuals is worth (cited in docs/FORMAT.md,
+"Lossless").
 
     python -m bench.lossless [MODEL]    # default: ../shared/real-slice/moe-layer0.safetensors
 

@@ -4,8 +4,8 @@
 
 Prints a markdown table: setting, base, bits each expert element costs (the group's base and
 arrays over its members), archive share of the input, and the largest and mean relative error
-||W - W_hat|| / ||W|| and smallest cosine over all experts. ``--all`` adds the variants of
-issue 5 (magnitude masks, rescaling, quantized survivors, rtn against mse); the default is the
+||W - W_hat|| / ||W|| and smallest cosine over all experts. ``--all`` adds the variants
+(magnitude masks, rescaling, quantized survivors, rtn against mse); the default is the
 main settings with both bases.
 """
 

@@ -2,7 +2,8 @@
 
 Reading, hashing and writing stay on the CPU; a group's weights move to the device for the
 decomposition and back as compressed arrays. Every operation of synthesis is element-wise and
-separately rounded (docs/FORMAT.md section 5), so a GPU reconstructs the same bits as a CPU.
+separately rounded (docs/FORMAT.md, "Synthesis and codecs"), so a GPU reconstructs the same bits
+as a CPU.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad input (DESIGN.md section 6): one clear line on stderr naming the file and the problem,
+"""Bad input (the README's promise): one clear line on stderr naming the file and the problem,
 exit code 2, no traceback, and nothing written."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bit packing of k-bit codes: LSB-first stream, docs/FORMAT.md section 5.3."""
+"""Bit packing of k-bit codes: LSB-first stream, docs/FORMAT.md ("Bit packing")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The lowrank codec: the specified synthesis (docs/FORMAT.md 5.4), its vector, and round trips
-through encode, decode and a whole archive."""
+"""The lowrank codec: the specified synthesis (docs/FORMAT.md, "lowrank"), its vector, and round
+trips through encode, decode and a whole archive."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The random mask generator: pinned by golden vectors and by a one-element-at-a-time
-implementation of docs/FORMAT.md section 5.2."""
+implementation of docs/FORMAT.md, "Random masks"."""
 
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ def _grouped(x: torch.Tensor, group_size: int, fill: float) -> torch.Tensor:
 
 def _reconstruct(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
                  numel: int) -> torch.Tensor:
-    """The normative arithmetic (docs/FORMAT.md 5.3) on codes grouped as [groups, G]."""
+    """The normative arithmetic (docs/FORMAT.md, "quant") on codes grouped as [groups, G]."""
     sc = scale.to(q.dtype)[:, None]
     if bits == 1:
         return ((q * 2 - 1) * sc).reshape(-1)[:numel]

@@ -87,9 +87,3 @@ def tie_and_check(model: nn.Module) -> None:
                if p.device.type == "meta"]
     if missing:
         raise ValueError(f"{len(missing)} tensors were not filled, e.g. {missing[0]!r}")
-
-
-def set_experts_eager(model: nn.Module) -> None:
-    """Use transformers' reference expert loop, which ders' own expert modules reproduce."""
-    if hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation("eager")
