@@ -20,7 +20,16 @@ class InputError(DersError):
 
 
 class UsageError(DersError):
-    """Options that make no sense together or lie outside their range."""
+    """Options that make no sense together or lie outside their range.
+
+    ``param`` names the library parameter at fault ("drop", "group_size") and the message begins
+    with it ("drop must be in [0, 1), got 1.5"); the CLI names its flag instead ("--drop ...").
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None, *,
+                 param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message, path)
 
 
 class OutputExistsError(DersError):
