@@ -14,18 +14,20 @@ Everything the ``ders`` command does is a function here::
     ders.upcycle_checkpoint("dense/", "moe.ders", ders.UpcycleSpec(experts=4))
     model = ders.load_from_archive("model.ders", mode="factored")  # inference, no expand
 
-The last two need transformers and are imported on first use.
+Names are imported on first use, so that ``import ders_cli`` and ``ders --help`` do not load
+torch; the last two also need transformers.
 """
 
+from __future__ import annotations
+
 import sys
+import types
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 if sys.byteorder != "little":  # safetensors and the archive are little-endian on disk
     raise ImportError("ders needs a little-endian machine")
 
-from .archive import ArchiveReader
-from .choose import TargetSpec
-from .compress import CompressResult, compress
-from .decompose import LosslessSpec, QuantSpec, SparseSpec
 from .errors import (
     CorruptArchiveError,
     DersError,
@@ -35,59 +37,70 @@ from .errors import (
     UsageError,
     VerificationFailed,
 )
-from .expand import ExpandResult, expand
-from .inspection import InspectReport, inspect_model
-from .verify import VerifyReport, verify
+
+if TYPE_CHECKING:
+    from .compress import CompressResult
 
 __version__ = "0.1.0"
 
-
-def quantize(model, bits: int, out=None, *, group_size: int = 128, **kwargs) -> CompressResult:
-    """``compress`` with a QuantSpec: the delta of every expert quantized to ``bits`` bits."""
-    return compress(model, QuantSpec(bits, group_size), out, **kwargs)
-
-
-# transformers-backed parts: loaded on first use, so that `import ders_cli` stays light.
-_LAZY = {
-    "upcycle_checkpoint": ("training.archive_io", "upcycle_checkpoint"),
-    "UpcycleSpec": ("training.upcycle", "UpcycleSpec"),
-    "load_from_archive": ("runtime", "load_from_archive"),
+# Public name -> the module (under ders_cli) that defines it. Add new API here.
+_API = {
+    "ArchiveReader": "archive",
+    "TargetSpec": "choose",
+    "CompressResult": "compress",
+    "compress": "compress",
+    "LosslessSpec": "decompose",
+    "QuantSpec": "decompose",
+    "SparseSpec": "decompose",
+    "ExpandResult": "expand",
+    "expand": "expand",
+    "InspectReport": "inspection",
+    "inspect_model": "inspection",
+    "VerifyReport": "verify",
+    "verify": "verify",
+    "upcycle_checkpoint": "training.archive_io",
+    "UpcycleSpec": "training.upcycle",
+    "load_from_archive": "runtime",
 }
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        from importlib import import_module
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
-        module, attr = _LAZY[name]
-        return getattr(import_module(f".{module}", __name__), attr)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+class _Package(types.ModuleType):
+    """``ders_cli.compress`` is the function, also once the module of the same name is loaded:
+    the import system would otherwise bind the submodule over it (so for expand, verify)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if not (name in _API and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def quantize(model, bits: int, out=None, *, group_size: int = 128, **kwargs) -> CompressResult:
+    """``compress`` with a QuantSpec: the delta of every expert quantized to ``bits`` bits."""
+    from .compress import compress
+    from .decompose import QuantSpec
+
+    return compress(model, QuantSpec(bits, group_size), out, **kwargs)
 
 
 __all__ = [
-    "ArchiveReader",
-    "CompressResult",
     "CorruptArchiveError",
     "DersError",
-    "ExpandResult",
     "InputError",
-    "InspectReport",
-    "LosslessSpec",
     "NewerFormatError",
     "OutputExistsError",
-    "QuantSpec",
-    "SparseSpec",
-    "TargetSpec",
-    "UpcycleSpec",
     "UsageError",
     "VerificationFailed",
-    "VerifyReport",
     "__version__",
-    "compress",
-    "expand",
-    "inspect_model",
-    "load_from_archive",
     "quantize",
-    "upcycle_checkpoint",
-    "verify",
+    *_API,
 ]
