@@ -31,15 +31,19 @@ from .constants import (
     META_MANIFEST,
     META_VERSION,
 )
-from .errors import CorruptArchiveError, InputError, NewerFormatError
+from .errors import CorruptArchiveError, InputError, InvalidArchiveError, NewerFormatError
 from .records import Manifest
 from .safetensors_io import (
     DTYPE_NAMES,
     Header,
     TensorEntry,
     TensorFile,
+    check_length,
     encode_header,
-    read_header,
+    not_regular,
+    open_regular,
+    parse_header_bytes,
+    read_header_bytes,
     tensor_bytes,
     tensor_nbytes,
 )
@@ -180,32 +184,57 @@ class ArchiveWriter:
 
 
 class ArchiveReader:
-    """An opened archive whose header hash, version and manifest have been checked."""
+    """An opened archive whose whole header has been checked before anything trusts it: the
+    header hash, the version, the manifest's structure and names, every stored array's dtype
+    and shape, and the original shard headers against the manifest (docs/FORMAT.md 8). expand,
+    verify, the runtime and training all open archives here, so they all refuse the same
+    archives, before a byte is written or a buffer sized by the archive is allocated.
+
+    A check that fails because bytes differ from what the writer hashed raises
+    CorruptArchiveError; one that fails on bytes the header hash vouches for (the archive was
+    written that way) raises InvalidArchiveError."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            raise InputError("no such archive", self.path)
-        if self.path.is_dir():
-            raise InputError("is a directory, expected a .ders archive", self.path)
         try:
-            header = read_header(self.path)
+            kind = not_regular(os.stat(self.path).st_mode)
+        except FileNotFoundError:
+            raise InputError("no such archive", self.path) from None
+        except OSError as exc:
+            raise InputError(f"cannot be read ({exc.strerror})", self.path) from None
+        if kind is not None:
+            raise InputError(f"is {kind}, expected a .ders archive", self.path)
+        try:
+            raw, size = read_header_bytes(self.path)
         except InputError as exc:
-            if _looks_like_archive(self.path):
-                raise CorruptArchiveError(_strip_path(exc, self.path), self.path) from None
-            raise InputError(f"not a ders archive ({_strip_path(exc, self.path)})",
-                             self.path) from None
+            raise self._unreadable(exc) from None
+        signed = raw.startswith(HEADER_PREFIX)
+        if signed:  # the hash first: no JSON an attacker altered reaches the parser unnoticed
+            self._check_header_hash(raw)
+        try:
+            header = parse_header_bytes(self.path, raw, None if signed else size)
+        except InputError as exc:
+            if signed:
+                raise self._invalid(_strip_path(exc, self.path)) from None
+            raise self._unreadable(exc) from None
+        try:  # a signed header that is whole: now the file's length is damage, if wrong
+            check_length(self.path, header.file_size - header.data_start,
+                         size - header.data_start)
+        except InputError as exc:
+            raise CorruptArchiveError(_strip_path(exc, self.path), self.path) from None
         self.header: Header = header
         meta = header.metadata or {}
-        if not header.raw.startswith(HEADER_PREFIX) and META_FORMAT not in meta:
-            raise InputError("not a ders archive: a safetensors file without a ders manifest",
-                             self.path)
-        self._check_header_hash()
+        if not signed:
+            if META_FORMAT not in meta:
+                raise InputError("not a ders archive: a safetensors file without a ders "
+                                 "manifest", self.path)
+            raise CorruptArchiveError("header does not begin with the ders header hash",
+                                      self.path)
         if meta.get(META_FORMAT) != FORMAT_NAME:
-            raise CorruptArchiveError("metadata does not name the ders format", self.path)
+            raise self._invalid("metadata does not name the ders format")
         version = meta.get(META_VERSION, "")
-        if not version.isdigit():
-            raise CorruptArchiveError(f"format version {version!r} is not a number", self.path)
+        if not (version.isascii() and version.isdigit()):
+            raise self._invalid(f"format version {version[:20]!r} is not a number")
         if int(version) > FORMAT_VERSION:
             raise NewerFormatError(
                 f"written in ders format version {version}; this ders reads up to "
@@ -213,15 +242,31 @@ class ArchiveReader:
         try:
             self.manifest = Manifest.from_json(meta.get(META_MANIFEST, ""))
         except ValueError as exc:
-            raise CorruptArchiveError(f"bad manifest: {exc}", self.path) from None
+            raise self._invalid(f"manifest: {exc}") from None
+        if self.manifest.version != int(version):
+            raise self._invalid(f"manifest version {self.manifest.version} differs from the "
+                                f"header's {version}")
         self._check_arrays()
         self._file = TensorFile(header)
+        try:
+            self.shard_headers: list[Header] = self._read_shard_headers()
+            self._check_against_shards()
+        except BaseException:
+            self._file.close()
+            raise
 
-    def _check_header_hash(self) -> None:
-        raw = self.header.raw
+    def _invalid(self, problem: str) -> InvalidArchiveError:
+        return InvalidArchiveError(f"invalid archive: {problem}", self.path)
+
+    def _unreadable(self, exc: InputError) -> InputError:
+        """A file that is no readable safetensors file: a damaged archive when it looks like
+        one (its name or its first bytes), else simply not an archive."""
+        if _looks_like_archive(self.path):
+            return CorruptArchiveError(_strip_path(exc, self.path), self.path)
+        return InputError(f"not a ders archive ({_strip_path(exc, self.path)})", self.path)
+
+    def _check_header_hash(self, raw: bytes) -> None:
         stored = raw[len(HEADER_PREFIX) : len(HEADER_PREFIX) + HASH_HEX_LEN]
-        if not raw.startswith(HEADER_PREFIX):
-            raise CorruptArchiveError("header does not begin with the ders header hash", self.path)
         prefix = struct.pack("<Q", len(raw))
         if header_hash(prefix, raw).encode() != stored:
             raise CorruptArchiveError("header checksum mismatch: the header was altered",
@@ -232,10 +277,14 @@ class ArchiveReader:
         entries = self.header.tensors
         if set(entries) != set(m.stored):
             missing = sorted(set(m.stored) - set(entries)) or sorted(set(entries) - set(m.stored))
-            raise CorruptArchiveError(f"stored arrays disagree with the manifest ({missing[0]!r})",
-                                      self.path)
+            raise self._invalid(f"stored arrays disagree with the manifest ({missing[0]!r})")
+        for s in m.shards:
+            self._expect_array(s.header, "U8", None)
         for f in m.files:
             self._expect_array(f.array, "U8", (f.size,))
+            if m.stored[f.array] != f.sha256:
+                raise self._invalid(f"side file {f.path!r}: its sha256 is not that of the "
+                                    "bytes stored for it")
         for g in m.groups:
             raw = g.base_encoding == BASE_RAW
             self._expect_array(g.base["array"], stored_base_dtype(g.base_encoding, g.dtype),
@@ -247,22 +296,67 @@ class ArchiveReader:
                 codec = get_codec(g.codec["name"])
                 codec.validate(g.codec["params"], len(g.members), g.numel)
                 planned = codec.arrays(g.codec["params"], len(g.members), g.numel, g.dtype)
-            except ValueError as exc:
-                raise CorruptArchiveError(f"group {g.key!r}: {exc}", self.path) from None
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                raise self._invalid(f"group {g.key!r}: {exc}") from None
             if set(planned) != set(g.codec["arrays"]):
-                raise CorruptArchiveError(f"group {g.key!r}: codec arrays differ from plan",
-                                          self.path)
+                raise self._invalid(f"group {g.key!r}: codec arrays differ from plan")
             for suffix, (dtype, shape) in planned.items():
                 self._expect_array(g.codec["arrays"][suffix], dtype, shape)
 
     def _expect_array(self, name: str, dtype: str, shape: tuple[int, ...] | None) -> None:
-        """``shape`` None: any one-dimensional array (an encoded base)."""
+        """``shape`` None: any one-dimensional array (an encoded base, a shard header)."""
         e = self.header.tensors[name]
         if e.dtype != dtype or (e.shape != tuple(shape) if shape is not None
                                 else len(e.shape) != 1):
-            raise CorruptArchiveError(
+            raise self._invalid(
                 f"array {name!r} is {e.dtype} {list(e.shape)}, the manifest implies "
-                f"{dtype} {list(shape) if shape is not None else '[n]'}", self.path)
+                f"{dtype} {list(shape) if shape is not None else '[n]'}")
+
+    def _read_shard_headers(self) -> list[Header]:
+        """The original shard headers, checksums verified, parsed against their shard's size.
+        They are small (the JSON of one safetensors header each) and every rule about tensors
+        needs them."""
+        out = []
+        for s in self.manifest.shards:
+            raw = bytes(self.read_bytes(s.header))
+            try:
+                out.append(parse_header_bytes(Path(s.file), raw, s.size))
+            except InputError as exc:
+                raise self._invalid(f"stored header of shard {s.file!r}: "
+                                    f"{_strip_path(exc, Path(s.file))}") from None
+        return out
+
+    def _check_against_shards(self) -> None:
+        """Every tensor of every shard has one record, stored as it was (same dtype, shape and
+        sha256) or as a member of a group of its dtype whose slots have the member's size."""
+        m, headers = self.manifest, self.shard_headers
+        count = 0
+        for i, h in enumerate(headers):
+            for name in h.tensors:
+                t = m.tensors.get(name)
+                if t is None or t.shard != i:
+                    raise self._invalid(f"tensor {name!r} of shard {m.shards[i].file!r} has no "
+                                        "record of that shard")
+            count += len(h.tensors)
+        if count != len(m.tensors):
+            extra = next(n for n, t in m.tensors.items() if n not in headers[t.shard].tensors)
+            raise self._invalid(f"tensor {extra!r} is in no stored shard header")
+        for name, t in m.tensors.items():
+            if t.group is not None:
+                continue
+            e, stored = headers[t.shard].tensors[name], self.header.tensors[name]
+            if (e.dtype, e.shape) != (stored.dtype, stored.shape):
+                raise self._invalid(f"tensor {name!r} is {e.dtype} {list(e.shape)} in its shard "
+                                    f"but stored as {stored.dtype} {list(stored.shape)}")
+            if m.stored[name] != t.sha256:
+                raise self._invalid(f"tensor {name!r}: its sha256 is not that of the bytes "
+                                    "stored for it")
+        for g in m.groups:
+            for member in g.members:
+                e = headers[m.tensors[member.tensor].shard].tensors[member.tensor]
+                problem = _member_problem(e, member.of, g.dtype, g.shape, g.numel)
+                if problem:
+                    raise self._invalid(f"group {g.key!r}: member {member.label!r} {problem}")
 
     def close(self) -> None:
         self._file.close()
@@ -319,8 +413,29 @@ class ArchiveReader:
             raise CorruptArchiveError(f"checksum mismatch in stored array {name!r}", self.path)
 
 
+def _member_problem(e: TensorEntry, of: int | None, dtype: str, shape: tuple[int, ...],
+                    numel: int) -> str:
+    """Why a group member cannot live in tensor ``e`` (slice of ``of`` when given), or ''."""
+    if e.dtype != dtype:
+        return f"is {e.dtype} in its shard, the group is {dtype}"
+    if of is None:
+        if e.shape != shape:
+            return f"has shape {list(e.shape)} in its shard, the group {list(shape)}"
+        return ""
+    if not e.shape or e.shape[0] % of:
+        return f"is a slice of {of} of a tensor of shape {list(e.shape)}"
+    if e.numel != of * numel:
+        return (f"is one of {of} slices of {e.numel} elements, the group's shape "
+                f"{list(shape)} has {numel}")
+    return ""
+
+
 def _looks_like_archive(path: Path) -> bool:
-    with open(path, "rb") as f:
+    try:
+        fd = open_regular(path)
+    except InputError:
+        return path.suffix == ".ders"
+    with os.fdopen(fd, "rb") as f:
         return f.read(8 + len(HEADER_PREFIX))[8:] == HEADER_PREFIX or path.suffix == ".ders"
 
 

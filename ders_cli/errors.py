@@ -40,6 +40,17 @@ class CorruptArchiveError(InputError):
     """An archive fails a structural or checksum check. ``verify`` turns this into exit 1."""
 
 
+class InvalidArchiveError(InputError):
+    """An archive whose header hash holds but whose manifest breaks a rule of docs/FORMAT.md:
+    it was written that way (by a buggy or hostile writer), so no byte of it is trusted. Every
+    command refuses it with exit code 2, ``verify`` included: exit 1 is for archives whose
+    bytes are not the ones their writer hashed (corruption)."""
+
+
+class OutputError(DersError):
+    """The output cannot be written: the disk is full, a file is too large, no permission."""
+
+
 class NewerFormatError(InputError):
     """An archive written by a newer ders than this one."""
 

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import safejson
 from .constants import (
     BASE_ENCODING_VERSION,
     BASE_KINDS,
@@ -189,7 +190,7 @@ class Manifest:
     @staticmethod
     def from_json(text: str) -> Manifest:
         """Parse and check a manifest; raises ValueError naming the first problem."""
-        doc = json.loads(text)
+        doc = safejson.loads(text)
         _expect(isinstance(doc, dict), "manifest is not a JSON object")
         _expect(doc.get("format") == FORMAT_NAME, "manifest format is not 'ders'")
         version = doc.get("version")
@@ -199,11 +200,20 @@ class Manifest:
         for name, sha in stored.items():
             _expect(isinstance(sha, str) and bool(_SHA.match(sha)), f"bad sha256 for {name!r}")
 
+        # Every stored array has exactly one role: a reader that met one twice (two groups on
+        # one base, a side file that is also a tensor) would write one and skip the other.
+        used: dict[str, str] = {}
+
         def ref(name: object, what: str) -> str:
             _expect(isinstance(name, str) and name in stored,
-                    f"{what} names a missing array {name!r}")
+                    f"{what} names a missing array {_cut(str(name))!r}")
+            _expect(name not in used, f"{what} and {used.get(name)} share the array {name!r}")
+            used[name] = what  # type: ignore[index]
             return name  # type: ignore[return-value]
 
+        for name in stored:
+            _expect(text_problem(name) is None,
+                    f"stored array name {_cut(name)!r} {text_problem(name)}")
         shards = tuple(
             ShardRecord(_str(s, "file"), _nonneg(s, "size"), ref(s.get("header"), "shard"))
             for s in _list(doc, "shards")
@@ -214,26 +224,37 @@ class Manifest:
                        ref(f.get("array"), "file"))
             for f in _list(doc, "files")
         )
+        _check_paths([s.file for s in shards], [f.path for f in files])
         groups = tuple(_group(g, ref) for g in _list(doc, "groups"))
         tensors_doc = doc.get("tensors")
         _expect(isinstance(tensors_doc, dict), "manifest has no 'tensors' map")
         tensors: dict[str, TensorRecord] = {}
+        # Each fused tensor's slices, gathered once (not a scan of the group per tensor).
+        slices: dict[tuple[int, str], list[Member]] = {}
+        for gi, g in enumerate(groups):
+            for m in g.members:
+                if m.slice is not None:
+                    slices.setdefault((gi, m.tensor), []).append(m)
         for name, t in tensors_doc.items():
+            _expect(text_problem(name) is None,
+                    f"tensor name {_cut(name)!r} {text_problem(name)}")
             _expect(isinstance(t, dict), f"tensor record {name!r} is not an object")
             shard = t.get("shard")
             _expect(_is_int(shard) and 0 <= shard < len(shards), f"tensor {name!r}: bad shard")
             group, member = t.get("group"), t.get("member")
             if group is None:
                 _expect(member is None, f"tensor {name!r}: member without group")
-                ref(name, "passthrough tensor")
+                ref(name, f"passthrough tensor {_cut(name)!r}")
             else:
                 _expect(_is_int(group) and 0 <= group < len(groups), f"tensor {name!r}: bad group")
                 g = groups[group]
                 if member is None:
-                    parts = [m for m in g.members if m.tensor == name]
-                    _expect(bool(parts) and all(m.slice is not None and m.of == parts[0].of
-                                                for m in parts)
-                            and sorted(m.slice for m in parts) == list(range(parts[0].of)),
+                    # Slices are distinct members in [0, of): as many as ``of`` cover it. (Never
+                    # a list of ``of`` numbers: a manifest may say of = 10^9.)
+                    parts = slices.get((group, name), [])
+                    _expect(bool(parts) and all(m.of == parts[0].of for m in parts)
+                            and len(parts) == parts[0].of
+                            and all(m.tensor != name or m.slice is not None for m in g.members),
                             f"tensor {name!r}: its slices are not all members of its group")
                 else:
                     _expect(_is_int(member) and 0 <= member < len(g.members)
@@ -246,7 +267,12 @@ class Manifest:
                 _expect(t is not None and t.group == gi
                         and t.member == (mi if m.slice is None else None),
                         f"group {g.key!r}: member {m.label!r} has no matching tensor record")
+        unused = next((name for name in stored if name not in used), None)
+        _expect(unused is None, f"stored array {unused!r} has no role in the manifest")
         passthrough = tuple(_list(doc, "passthrough_groups"))
+        _expect(all(isinstance(p, dict) and all(isinstance(v, str) and text_problem(v) is None
+                                                for v in p.values()) for p in passthrough),
+                "passthrough_groups are not records of printable strings")
         known = {"format", "version", "source", "shards", "files", "tensors", "groups",
                  "passthrough_groups", "stored"}
         source = doc.get("source")
@@ -273,6 +299,7 @@ def required_version(groups: tuple[GroupRecord, ...]) -> int:
 def _group(g: Any, ref: Any) -> GroupRecord:
     _expect(isinstance(g, dict), "group record is not an object")
     key = _str(g, "key")
+    _expect(text_problem(key) is None, f"group key {_cut(key)!r} {text_problem(key)}")
     raw_members = g.get("members")
     _expect(isinstance(raw_members, list) and len(raw_members) >= 1,
             f"group {key!r}: bad members")
@@ -309,6 +336,75 @@ def _group(g: Any, ref: Any) -> GroupRecord:
         stats[k] = tuple(float(x) for x in v)
     return GroupRecord(key, tuple(members), dtype, tuple(shape), base, codec, tuple(recon),
                        stats["rel_error"], stats["cos"])
+
+
+# C0 and C1 controls, and the bidirectional overrides and isolates that make text display in an
+# order other than its own.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Longest file or folder name, and path, that every common file system takes.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
+def text_problem(text: str) -> str | None:
+    """Why a name read from an archive cannot be printed or used as it is, or None: control
+    characters (a terminal obeys them: a name could redraw what ``verify`` prints) and lone
+    surrogates (no file system or terminal encoding takes them)."""
+    if _CONTROL.search(text):
+        return "contains a control character"
+    if _SURROGATE.search(text):
+        return "is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` is not a relative POSIX path of plain components that stays inside the
+    folder it is joined to, or None (docs/FORMAT.md 4, "Names")."""
+    if path == "":
+        return "is empty"
+    problem = text_problem(path)
+    if problem:
+        return problem
+    if "\\" in path:
+        return "contains a backslash"
+    if path.startswith("/"):
+        return "is absolute"
+    if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+        return f"is longer than {MAX_PATH_BYTES} bytes"
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            return f"has a {part!r} component" if part else "has an empty component"
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            return f"has a component longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def _check_paths(shards: list[str], files: list[str]) -> None:
+    """Every file an archive expands to: a safe path, a .safetensors name for a shard, and no
+    two that one folder cannot hold side by side (the same name, names differing in case only,
+    which a case-insensitive file system merges, or a file where another needs a folder)."""
+    seen: dict[str, str] = {}
+    for what, paths in (("shard", shards), ("side file", files)):
+        for path in paths:
+            problem = path_problem(path)
+            _expect(problem is None, f"{what} path {_cut(path)!r} {problem}")
+            if what == "shard":
+                _expect(path.endswith(".safetensors"),
+                        f"shard path {path!r} does not end in .safetensors")
+            key = path.casefold()
+            _expect(key not in seen, f"{what} path {path!r} collides with {seen.get(key)!r}")
+            seen[key] = path
+    for key, path in seen.items():
+        parts = key.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            _expect(folder not in seen,
+                    f"path {path!r} needs a folder where {seen.get(folder)!r} is a file")
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _expect(cond: bool, message: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import safejson
 from .constants import COPY_CHUNK, DTYPE_BITS, HEADER_ALIGN, MAX_HEADER_BYTES
 from .errors import InputError
 
@@ -35,6 +37,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+# No file has more bytes than a 64-bit offset reaches, so no tensor has more elements.
+MAX_ELEMENTS = 1 << 64
 
 
 @dataclass(frozen=True)
@@ -81,20 +85,13 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
     return n * DTYPE_BITS[dtype] // 8
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
-def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> Header:
-    """Validate a header's JSON against the file's size. ``raw`` excludes the length prefix."""
+def parse_header_bytes(path: Path, raw: bytes, file_size: int | None) -> Header:
+    """Validate a header's JSON against the file's size. ``raw`` excludes the length prefix.
+    ``file_size`` None: the size the header implies (the caller compares it with the file's;
+    see ``check_length``)."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+        obj = safejson.loads(raw)
+    except ValueError as exc:
         raise InputError(f"not a safetensors file: its header is not valid JSON ({exc})",
                          path) from None
     if not isinstance(obj, dict):
@@ -106,11 +103,13 @@ def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> Header:
     ):
         raise InputError("safetensors __metadata__ must map strings to strings", path)
     data_start = 8 + len(raw)
-    data_len = file_size - data_start
     tensors: dict[str, TensorEntry] = {}
     for name, info in obj.items():
         tensors[name] = _parse_entry(path, name, info, data_start)
-    _check_coverage(path, tensors, data_start, data_len)
+    covered = _check_coverage(path, tensors, data_start)
+    if file_size is None:
+        file_size = data_start + covered
+    check_length(path, covered, file_size - data_start)
     return Header(path=path, raw=raw, metadata=metadata, tensors=tensors, file_size=file_size)
 
 
@@ -123,7 +122,8 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int) -> Tensor
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise InputError(f"tensor {name!r} has a malformed shape {shape!r}", path)
+        raise InputError(f"tensor {name!r} has a malformed shape "
+                         f"{_short(shape) if isinstance(shape, list) else repr(shape)}", path)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -131,9 +131,14 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int) -> Tensor
         or offsets[0] > offsets[1]
     ):
         raise InputError(f"tensor {name!r} has malformed data_offsets {offsets!r}", path)
-    numel = 1
-    for d in shape:
+    # Multiplied with an early stop: a shape of a million huge dimensions would otherwise cost
+    # minutes of big-integer products before the offsets could refute it.
+    numel = 0 if 0 in shape else 1
+    for d in shape if numel else ():
         numel *= d
+        if numel > MAX_ELEMENTS:
+            raise InputError(f"tensor {name!r}: shape {_short(shape)} has more than 2^64 "
+                             "elements", path)
     bits = numel * DTYPE_BITS[dtype]
     if bits % 8:
         raise InputError(f"tensor {name!r}: {numel} x {dtype} is not a whole number of bytes", path)
@@ -146,8 +151,13 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int) -> Tensor
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
-def _check_coverage(path: Path, tensors: dict[str, TensorEntry], start: int, length: int) -> None:
-    # The data buffer must be covered exactly: no holes, no overlaps, nothing past the end.
+def _short(shape: list) -> str:
+    return str(shape) if len(shape) <= 8 else f"[{shape[0]}, ... {len(shape)} dimensions]"
+
+
+def _check_coverage(path: Path, tensors: dict[str, TensorEntry], start: int) -> int:
+    """The bytes of data the tensors cover, which must be one run from the data's start: no
+    holes, no overlaps."""
     pos = start
     for entry in sorted(tensors.values(), key=lambda e: (e.begin, e.end)):
         if entry.begin != pos:
@@ -155,47 +165,89 @@ def _check_coverage(path: Path, tensors: dict[str, TensorEntry], start: int, len
                     else "leaves a hole before it")
             raise InputError(f"header lies about offsets: tensor {entry.name!r} {what}", path)
         pos = entry.end
-    if pos - start > length:
+    return pos - start
+
+
+def check_length(path: Path, covered: int, length: int) -> None:
+    """The data the header covers must be the file's data, to the byte: nothing past the end,
+    nothing after the last tensor. (Apart from parsing: a file cut short or grown is damage,
+    where a header that contradicts itself was written that way.)"""
+    if covered > length:
         raise InputError(
-            f"truncated: the header needs {pos - start} bytes of tensor data, "
+            f"truncated: the header needs {covered} bytes of tensor data, "
             f"the file has {max(length, 0)}",
             path,
         )
-    if pos - start < length:
+    if covered < length:
         raise InputError(
-            f"{length - (pos - start)} bytes after the last tensor that no header entry covers",
+            f"{length - covered} bytes after the last tensor that no header entry covers",
             path,
         )
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISDIR, "a directory"))
+
+
+def not_regular(mode: int) -> str | None:
+    """What a file is when it is not a regular file ("a FIFO", ...), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
+def open_regular(path: Path, what: str = "a regular file") -> int:
+    """A read-only descriptor of ``path``, which must be a regular file. Opened without
+    blocking, so that a FIFO is refused instead of waiting forever for a writer; /dev/zero and
+    the like are refused too (they never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError("no such file", path) from None
+    except PermissionError:
+        raise InputError("permission denied", path) from None
+    except OSError as exc:
+        raise InputError(f"cannot be opened ({exc.strerror})", path) from None
+    kind = not_regular(os.fstat(fd).st_mode)
+    if kind is not None:
+        os.close(fd)
+        raise InputError(f"is {kind}, expected {what}", path)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def read_header(path: str | Path) -> Header:
     """Read and validate the header of a safetensors file."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise InputError(f"not a safetensors file: only {size} bytes long", path)
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES:
-                raise InputError(
-                    f"not a safetensors file: header length {n} exceeds the "
-                    f"{MAX_HEADER_BYTES}-byte limit",
-                    path,
-                )
-            if 8 + n > size:
-                raise InputError(
-                    f"truncated: header length {n} but the file has only {size} bytes", path
-                )
-            raw = f.read(n)
-    except IsADirectoryError:
-        raise InputError("is a directory, expected a .safetensors file", path) from None
-    except FileNotFoundError:
-        raise InputError("no such file", path) from None
-    except PermissionError:
-        raise InputError("permission denied", path) from None
+    raw, size = read_header_bytes(path)
     return parse_header_bytes(path, raw, size)
+
+
+def read_header_bytes(path: Path) -> tuple[bytes, int]:
+    """A safetensors file's header bytes (without the length prefix) and the file's size,
+    unparsed: an archive's header hash is checked before its JSON is parsed."""
+    fd = open_regular(path, "a .safetensors file")
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise InputError(f"not a safetensors file: only {size} bytes long", path)
+        (n,) = struct.unpack("<Q", prefix)
+        if n > MAX_HEADER_BYTES:
+            raise InputError(
+                f"not a safetensors file: header length {n} exceeds the "
+                f"{MAX_HEADER_BYTES}-byte limit",
+                path,
+            )
+        if 8 + n > size:
+            raise InputError(
+                f"truncated: header length {n} but the file has only {size} bytes", path
+            )
+        raw = f.read(n)
+        if len(raw) != n:
+            raise InputError("changed while it was read", path)
+    return raw, size
 
 
 def encode_header(obj: dict, min_len: int = 0) -> bytes:
@@ -212,7 +264,11 @@ class TensorFile:
     def __init__(self, header: Header) -> None:
         self.header = header
         self.path = header.path
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd = open_regular(self.path, "a .safetensors file")
+        if os.fstat(self._fd).st_size != header.file_size:
+            os.close(self._fd)
+            self._fd = -1
+            raise InputError("changed since its header was read", self.path)
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -208,3 +208,8 @@ def test_tensor_name_in_the_reserved_namespace(tmp_path):
     tensors["ders/g/0/base"] = torch.zeros(2)
     model = write_model(tmp_path / "model", tensors)
     assert_refused(run("compress", model, "--drop", "0.9"), "reserves")
+
+
+def test_a_name_that_looks_like_markup_is_printed_as_it_is(tmp_path):
+    r = run("verify", tmp_path / "[/x][red]a.ders")
+    assert_refused(r, "[/x][red]a.ders", "no such archive")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -44,11 +45,13 @@ def human_bytes(n: float) -> str:
 
 
 def shown(path: Path) -> str:
-    """A path as the user would type it: relative to the working folder when inside it."""
+    """A path as the user would type it: relative to the working folder when inside it; escaped
+    for rich markup (a folder named "[red]x" is shown as it is)."""
     try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+        text = str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
-        return str(path)
+        text = str(path)
+    return escape(text)
 
 
 def human_count(n: float) -> str:
@@ -74,7 +77,7 @@ def reported() -> Iterator[None]:
     try:
         yield
     except DersError as exc:
-        err.print(f"[bold red]ders:[/] {exc}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]ders:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -106,7 +109,7 @@ class RichReporter:
     def warn(self, message: str) -> None:
         if not self.quiet:
             console = self._progress.console if self._progress is not None else err
-            console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+            console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
     def finish(self) -> None:
         if self._progress is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..verify import VerifyReport, verify
@@ -39,16 +40,18 @@ def verify_cmd(
 def show(r: VerifyReport) -> None:
     if r.groups:
         measured = all(g.measured for g in r.groups)
+        against = " against " + escape(str(r.against))
         table = Table(title="Expert groups by layer and projection" + (
-            " against " + str(r.against) if measured else " (errors as recorded when written)"),
+            against if measured else " (errors as recorded when written)"),
             title_justify="left")
         for col, just in (("layer", "right"), ("projection", "left"), ("N", "right"),
                           ("codec", "left"), ("bytes", "right"), ("of original", "right"),
                           ("rel. error (max)", "right"), ("cos (min)", "right")):
             table.add_column(col, justify=just)
         for g in sorted(r.groups, key=lambda g: natural_key(g.key)):
-            table.add_row("-" if g.layer is None else str(g.layer), g.projection,
-                          str(g.members), g.codec, human_bytes(g.stored_bytes),
+            # Names come from the archive: shown as they are, never read as rich markup.
+            table.add_row("-" if g.layer is None else str(g.layer), escape(g.projection),
+                          str(g.members), escape(g.codec), human_bytes(g.stored_bytes),
                           f"{g.stored_bytes / g.original_bytes:.1%}", f"{g.max_rel_error:.2e}",
                           f"{g.min_cos:.6f}")
         out.print(table)
@@ -59,12 +62,13 @@ def show(r: VerifyReport) -> None:
                   f"{human_bytes(r.checkpoint_bytes)} in an archive of "
                   f"{human_bytes(r.archive_bytes)} ({r.ratio:.1%})")
     for p in r.problems:
-        err.print(f"[bold red]FAIL:[/] {p}", soft_wrap=True)
+        err.print(f"[bold red]FAIL:[/] {escape(p)}", soft_wrap=True)
     if r.ok:
         exact = f", {r.passthrough_exact} passthrough tensors bit-exact" if r.against else ""
         if r.experts_exact:
             exact += f", {r.experts_exact} of {r.experts_compared} experts bit-exact"
-        out.print(f"[green]OK[/]: {r.archive}: {r.stored_arrays} stored arrays intact, "
-                  f"{r.tensors} tensors{exact}")
+        out.print(f"[green]OK[/]: {escape(str(r.archive))}: {r.stored_arrays} stored arrays "
+                  f"intact, {r.tensors} tensors{exact}")
     else:
-        out.print(f"[bold red]FAILED[/]: {r.archive}: {len(r.problems)} problem(s)")
+        out.print(f"[bold red]FAILED[/]: {escape(str(r.archive))}: {len(r.problems)} "
+                  "problem(s)")

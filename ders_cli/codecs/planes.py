@@ -81,14 +81,58 @@ def pack(words: np.ndarray, cuts: Sequence[int] = (), level: int | None = None) 
 def unpack(frame: bytes | memoryview, n: int, width: int) -> np.ndarray:
     """The ``n`` words of ``width`` bytes whose planes ``frame`` holds: exactly one zstd frame
     of ``n * width`` bytes. Raises ValueError for anything else."""
+    size = n * width
     try:
-        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=n * width,
-                                                      allow_extra_data=False)
+        # The decoder allocates what a frame declares, or max_output_size when it declares
+        # nothing: a frame of a few bytes could cost gigabytes before failing. A declared size
+        # is checked first; an undeclared one is decoded in pieces and stopped past ``size``.
+        declared = zstandard.frame_content_size(frame)
+        if 0 <= declared != size and declared != zstandard.CONTENTSIZE_UNKNOWN:
+            raise ValueError(f"zstd frame declares {declared} bytes, expected {size}")
+        if declared == size:
+            raw = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
+        else:
+            raw = _decode_undeclared(frame, size)
     except zstandard.ZstdError as exc:
         raise ValueError(f"not one zstd frame ({exc})") from None
-    if len(raw) != n * width:
-        raise ValueError(f"zstd frame holds {len(raw)} bytes, expected {n * width}")
+    if len(raw) != size:
+        raise ValueError(f"zstd frame holds {len(raw)} bytes, expected {size}")
     return from_planes(np.frombuffer(raw, dtype=np.uint8).reshape(width, n))
+
+
+def _frame_length(frame: memoryview) -> int:
+    """The bytes one zstd frame takes, from its header and block headers (RFC 8878 3.1.1)."""
+    pos = zstandard.frame_header_size(frame)
+    while True:
+        if pos + 3 > len(frame):
+            raise ValueError("zstd frame is cut short")
+        head = int.from_bytes(frame[pos : pos + 3], "little")
+        kind, length = (head >> 1) & 3, head >> 3
+        if kind == 3:
+            raise ValueError("zstd frame has a reserved block type")
+        pos += 3 + (1 if kind == 1 else length)  # an RLE block stores one byte
+        if head & 1:  # the last block; a checksum may follow
+            return pos + (4 if frame[4] & 0x04 else 0)
+
+
+def _decode_undeclared(frame: bytes | memoryview, size: int) -> bytes:
+    """A frame without a content size, read in bounded pieces and stopped one byte past
+    ``size``; nothing may follow it."""
+    view = memoryview(frame).cast("B")
+    end = _frame_length(view)
+    if end > len(view):
+        raise ValueError("zstd frame is cut short")
+    if end < len(view):
+        raise ValueError("bytes follow the zstd frame")
+    reader = zstandard.ZstdDecompressor().stream_reader(view, read_across_frames=False)
+    parts, got = [], 0
+    while got <= size:
+        chunk = reader.read(min(1 << 24, size + 1 - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def words_of(t: torch.Tensor) -> np.ndarray:

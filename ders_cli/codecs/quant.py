@@ -105,6 +105,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, method: str = "rtn"
     the delta as it will be decoded). ``method``: "rtn" (min/max, round to nearest) or "mse"
     (``mse_range``); 1-bit codes are sign times mean |x|, least-squares optimal either way."""
     n = x.numel()
+    group_size = min(group_size, max(n, 1))  # one group either way; never pad to a huge G
     if n == 0:  # a sparse member that keeps nothing
         empty = torch.empty(0, dtype=_PARAM, device=x.device)
         return (torch.empty(0, dtype=torch.uint8), empty, None if bits == 1 else empty.clone(),
@@ -140,6 +141,9 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, method: str = "rtn"
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
                group_size: int, numel: int, out_dtype: torch.dtype) -> torch.Tensor:
     q = torch.from_numpy(unpack(codes.cpu().numpy(), bits, numel)).to(scale.device, out_dtype)
+    # G >= numel is one group, as G = numel: sized by the member, never by a manifest's G
+    # (docs/FORMAT.md 5.3).
+    group_size = min(group_size, max(numel, 1))
     return _reconstruct(_grouped(q, group_size, 0.0), scale, offset, bits, numel)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ from .index import bitmap_decode, bitmap_encode, gaps_decode, gaps_encode
 from .mask import positions_on
 from .quant import dequantize, quant_arrays, quantize
 
+_SEED = re.compile("[0-9a-f]{16}")
 INDEX_BITMAP = "bitmap"
 INDEX_GAPS = "gaps"
 MASKS = ("random", "magnitude")
@@ -83,8 +85,8 @@ def densify(decoded: Decoded, numel: int) -> torch.Tensor:
 
 
 def parse_seed(text: str) -> int:
-    if not isinstance(text, str) or len(text) != 16:
-        raise ValueError(f"a seed is 16 hex digits, got {text!r}")
+    if not isinstance(text, str) or not _SEED.fullmatch(text):
+        raise ValueError(f"a seed is 16 lowercase hex digits, got {str(text)[:20]!r}")
     return int(text, 16)
 
 
@@ -115,7 +117,9 @@ class SparseCodec(DeltaCodec):
 
     @classmethod
     def validate(cls, params: dict, members: int, numel: int) -> None:
-        keep, index = params.get("keep"), params.get("index")
+        keep, index, drop = params.get("keep"), params.get("index"), params.get("drop", 0.0)
+        if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0 <= drop <= 1:
+            raise ValueError(f"sparse drop must be a number in [0, 1], got {drop!r}")
         if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= numel:
             raise ValueError(f"sparse keep must be an integer in [0, {numel}], got {keep!r}")
         if index not in (INDEX_ALL, INDEX_SEED, INDEX_BITMAP, INDEX_GAPS):
@@ -135,7 +139,8 @@ class SparseCodec(DeltaCodec):
         if index == INDEX_GAPS:
             offsets = params.get("index_offsets")
             if (not isinstance(offsets, list) or len(offsets) != members + 1
-                    or offsets[0] != 0 or any(not isinstance(o, int) for o in offsets)
+                    or any(not isinstance(o, int) or isinstance(o, bool) for o in offsets)
+                    or offsets[0] != 0
                     or any(b < a for a, b in itertools.pairwise(offsets))):
                 raise ValueError("sparse gaps need N+1 ascending byte offsets")
         vq = params.get("values")
@@ -237,6 +242,8 @@ class SparseCodec(DeltaCodec):
         pos = bitmap_decode(raw, numel) if index == INDEX_BITMAP else gaps_decode(raw, keep)
         if pos.size != keep:
             raise ValueError(f"index holds {pos.size} positions, expected {keep}")
+        if keep and pos[-1] >= numel:  # gaps are ascending by construction; bitmaps hold < n
+            raise ValueError(f"index holds position {pos[-1]}, past the member's {numel}")
         return SparseDelta(torch.from_numpy(pos).to(values.device), values.to(cd))
 
 
