@@ -23,7 +23,7 @@ from .decompose import synthesize
 from .device import resolve_device
 from .errors import CorruptArchiveError
 from .lanes import Lane, compute_threads, release_memory
-from .outputs import BuildDir, check_new_output
+from .outputs import BuildDir, check_free_space, check_new_output
 from .progress import Reporter, Silent
 from .records import GroupRecord, Manifest
 from .safetensors_io import Header, tensor_bytes
@@ -98,6 +98,7 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
         m = reader.manifest
         headers = reader.shard_headers
         total = sum(h.file_size for h in headers) + sum(f.size for f in m.files)
+        check_free_space(dest, total)
         reporter.start("expand", total, len(m.groups))
         result = ExpandResult(dest)
         with BuildDir(dest, overwrite) as build:

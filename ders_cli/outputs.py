@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from .archive import temp_path
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputError, OutputExistsError
 
 
 def check_new_output(dest: Path, overwrite: bool) -> None:
@@ -19,6 +19,16 @@ def check_new_output(dest: Path, overwrite: bool) -> None:
         raise InputError("output folder does not exist", parent)
     if not os.access(parent, os.W_OK):
         raise InputError("output folder is not writable", parent)
+
+
+def check_free_space(dest: Path, nbytes: int) -> None:
+    """Fail before any work when ``nbytes`` cannot fit beside ``dest``: an archive of a few
+    kilobytes may declare a checkpoint of terabytes (a base of zeros codes to nothing)."""
+    parent = dest.parent if str(dest.parent) else Path(".")
+    free = shutil.disk_usage(parent).free
+    if nbytes > free:
+        raise OutputError(f"needs {nbytes / 1e9:.2f} GB, its disk has {free / 1e9:.2f} GB free",
+                          dest)
 
 
 class BuildDir:

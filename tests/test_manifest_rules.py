@@ -332,3 +332,15 @@ def test_a_zstd_frame_that_declares_a_huge_size_allocates_nothing(q2, tmp_path):
     proc = run_limited(["verify", str(bad)], memory=3 << 30)
     assert proc.returncode == 1 and "declares 1099511627776 bytes" in proc.stderr, proc.stderr
     assert peak_rss_mb(proc) < 1024
+
+
+def test_expand_refuses_an_output_larger_than_the_free_disk(q2, tmp_path, monkeypatch):
+    """An archive of kilobytes may declare terabytes (a zero base codes to nothing): expand
+    compares what the archive declares with the disk's free space before writing."""
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    r = runner.invoke(app, ["expand", str(q2), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "GB free" in r.stderr and "out" in r.stderr, r.output
+    assert not (tmp_path / "out").exists()
