@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -105,7 +106,8 @@ def test_options_reach_the_library(model, tmp_path, monkeypatch):
         seen.update(kwargs, spec=spec, out=out)
         raise SystemExit(0)
 
-    monkeypatch.setattr("ders_cli.cli.compress_cmd.compress", fake)
+    # the module, not ders_cli.compress (the function of the same name)
+    monkeypatch.setattr(importlib.import_module("ders_cli.compress"), "compress", fake)
     run("quantize", model, "--bits", "3", "--group-size", "64", "--no-shared", "--all-groups",
         "--threshold", "0.5", "--base", "dense/", "--force", "-o", tmp_path / "x.ders")
     assert seen["spec"].bits == 3 and seen["spec"].group_size == 64

@@ -1,18 +1,16 @@
-"""ders compress MODEL --drop P | --lossless and ders quantize MODEL --bits K"""
+"""ders compress MODEL --drop P | --lossless | --max-error E | --target-size F, and ders quantize
+MODEL --bits K"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from ..choose import TargetSpec, parse_fraction
-from ..compress import CompressResult, compress
 from ..constants import DEFAULT_GROUP_SIZE
-from ..decompose import CodecSpec, LosslessSpec, QuantSpec, SparseSpec
 from ..errors import UsageError
 from .console import RichReporter, human_bytes, natural_key, out, print_json, reported, shown
 from .options import (
@@ -23,43 +21,76 @@ from .options import (
     ForceOpt,
     GroupSizeOpt,
     JsonOpt,
+    Mask,
+    Method,
+    MethodOpt,
     ModelArg,
     NoSharedOpt,
-    OutOpt,
     QuietOpt,
+    Rescale,
     ThresholdOpt,
+    examples,
+    out_option,
+    refuse,
 )
+
+if TYPE_CHECKING:
+    from ..choose import TargetSpec
+    from ..compress import CompressResult
+    from ..decompose import CodecSpec, SparseSpec
+
+ArchiveOut = Annotated[Path | None, out_option(
+    "The archive to write (default: MODEL's name with .ders, beside MODEL; for a Hub repo id, "
+    "in the working folder).")]
+# The flags of --drop's sparsification; every other mode ignores them.
+SPARSE_OPTIONS = ("mask", "rescale", "bits", "group_size", "seed")
+
+COMPRESS_EXAMPLES = examples(
+    "ders compress ./moe --drop 0.9                      # the paper's DeRS sparsification",
+    "ders compress ./moe --drop 0.9 --bits 4 -o moe-d90q4.ders",
+    "ders compress ./moe --lossless                      # every expert bit for bit",
+    "ders compress ./moe --max-error 0.005               # per group the cheapest within it",
+    "ders compress org/moe@main --target-size 25% -o moe.ders")
+QUANTIZE_EXAMPLES = examples(
+    "ders quantize ./moe --bits 2",
+    "ders quantize ./moe --bits 4 --method rtn -o moe-q4.ders")
 
 
 def compress_cmd(
+    ctx: typer.Context,
     model: ModelArg,
     drop: Annotated[float | None, typer.Option(
-        "--drop", help="Fraction of each delta to drop, in [0, 1).", show_default=False)] = None,
-    target_size: Annotated[str | None, typer.Option(
-        "--target-size", help="Instead of --drop: the archive's size as a share of the "
-                              "checkpoint (25% or 0.25); a setting is chosen per group.",
-        show_default=False)] = None,
-    max_error: Annotated[float | None, typer.Option(
-        "--max-error", help="Instead of --drop: the largest relative error of any expert; "
-                            "per group the cheapest setting within it.",
-        show_default=False)] = None,
+        "--drop", metavar="P", show_default=False,
+        help="DeRS sparsification: drop this fraction of each delta, in [0, 1).")] = None,
     lossless: Annotated[bool, typer.Option(
         "--lossless", help="Instead of --drop: store every expert bit for bit (base plus "
                            "zstd-coded residuals).")] = False,
-    out_path: OutOpt = None,
-    mask: Annotated[str, typer.Option(
-        "--mask", help="random: the paper's seeded mask (nothing stored but a seed); "
-                       "magnitude: the largest deltas (positions stored).")] = "random",
-    rescale: Annotated[str | None, typer.Option(
-        "--rescale", help="Scale of the kept values: inverse (by 1/(1-p), unbiased; default "
-                          "for random masks), none (default for magnitude masks), norm "
-                          "(the delta keeps its norm).", show_default=False)] = None,
+    max_error: Annotated[float | None, typer.Option(
+        "--max-error", metavar="E", show_default=False,
+        help="Instead of --drop: the largest relative error of any expert; per group the "
+             "cheapest setting within it.")] = None,
+    target_size: Annotated[str | None, typer.Option(
+        "--target-size", metavar="F", show_default=False,
+        help="Instead of --drop: the archive's size as a share of the checkpoint (25% or "
+             "0.25); a setting is chosen per group.")] = None,
+    out_path: ArchiveOut = None,
+    mask: Annotated[Mask, typer.Option(
+        "--mask", help="With --drop: random, the paper's seeded mask (nothing stored but a "
+                       "seed); magnitude, the largest deltas (positions stored).")] = Mask.random,
+    rescale: Annotated[Rescale | None, typer.Option(
+        "--rescale", show_default=False,
+        help="With --drop, the scale of the kept values: inverse (by 1/(1-p), unbiased; "
+             "default for random masks), none (default for magnitude masks), norm (the delta "
+             "keeps its norm).")] = None,
     bits: Annotated[int | None, typer.Option(
-        "--bits", help="Also quantize the kept values to this many bits (1, 2, 3, 4, 8).",
-        show_default=False)] = None,
-    group_size: GroupSizeOpt = DEFAULT_GROUP_SIZE,
+        "--bits", metavar="K", show_default=False,
+        help="With --drop: also quantize the kept values to K bits (1, 2, 3, 4, 8).")] = None,
+    group_size: Annotated[int, typer.Option(
+        "--group-size", metavar="N",
+        help="With --bits: kept values sharing one scale and offset.")] = DEFAULT_GROUP_SIZE,
+    seed: Annotated[int, typer.Option(
+        "--seed", metavar="N", help="With --drop and random masks: the masks' seed.")] = 0,
     base: BaseOpt = "mean",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random masks.")] = 0,
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     no_shared: NoSharedOpt = False,
     all_groups: AllGroupsOpt = False,
@@ -68,24 +99,40 @@ def compress_cmd(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """DeRS sparsification (--drop), lossless storage (--lossless), or a setting chosen per
-    group (--target-size, --max-error): one base per expert group plus a delta per expert, into
-    a .ders file."""
+    """Compress a model into a .ders archive.
+
+    One base per expert group plus a delta per expert: DeRS sparsification (--drop), every bit
+    kept (--lossless), or a setting chosen per group (--max-error, --target-size). Give exactly
+    one of these four."""
     with reported():
+        modes = [flag for flag, on in (("--drop", drop is not None), ("--lossless", lossless),
+                                       ("--max-error", max_error is not None),
+                                       ("--target-size", target_size is not None)) if on]
+        if len(modes) != 1:
+            raise UsageError("compress needs exactly one of --drop P (DeRS sparsification), "
+                             "--lossless (every expert bit for bit), --max-error E and "
+                             "--target-size F" + (f" (got {', '.join(modes)})" if modes else ""))
+        if drop is None:
+            refuse(ctx, SPARSE_OPTIONS, "with --drop", instead=modes[0])
+        else:
+            if bits is None:
+                refuse(ctx, ("group_size",), "with --bits")
+            if mask is Mask.magnitude:
+                refuse(ctx, ("seed",), "to random masks", instead="--mask magnitude")
         spec = compress_spec(drop, lossless, target_size, max_error,
-                             SparseSpec(drop or 0.0, seed, mask, rescale, bits, group_size))
+                             sparse=dict(seed=seed, mask=mask.value, rescale=rescale and
+                                         rescale.value, value_bits=bits, value_group=group_size))
     _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
          use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force)
 
 
 def quantize_cmd(
     model: ModelArg,
-    bits: Annotated[int, typer.Option("--bits", help="Bits per delta element: 1, 2, 3, 4 or 8.")],
-    out_path: OutOpt = None,
+    bits: Annotated[int, typer.Option(
+        "--bits", metavar="K", help="Bits per delta element: 1, 2, 3, 4 or 8.")],
+    out_path: ArchiveOut = None,
     group_size: GroupSizeOpt = DEFAULT_GROUP_SIZE,
-    method: Annotated[str, typer.Option(
-        "--method", help="mse: clip search and least-squares scales (less error); rtn: "
-                         "min/max round to nearest (faster).")] = "mse",
+    method: MethodOpt = Method.mse,
     base: BaseOpt = "mean",
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     no_shared: NoSharedOpt = False,
@@ -95,33 +142,35 @@ def quantize_cmd(
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """DeRS quantization: one base per expert group plus k-bit deltas, into a .ders file."""
-    _run(model, QuantSpec(bits, group_size, method), out_path, json, quiet, base=base,
+    """Compress a model into a .ders archive of k-bit deltas.
+
+    One base per expert group plus each expert's delta quantized to K bits (DeRS
+    quantization)."""
+    from ..decompose import QuantSpec
+
+    _run(model, QuantSpec(bits, group_size, method.value), out_path, json, quiet, base=base,
          threshold=threshold, use_shared=not no_shared, all_groups=all_groups, device=device,
          overwrite=force)
 
 
 def compress_spec(drop: float | None, lossless: bool, target_size: str | None,
-                  max_error: float | None, sparse: SparseSpec) -> CodecSpec | TargetSpec:
-    """Exactly one of --drop P, --lossless, --target-size F and --max-error E."""
-    given = [name for name, v in (("--drop", drop), ("--lossless", lossless or None),
-                                  ("--target-size", target_size), ("--max-error", max_error))
-             if v is not None]
-    if len(given) != 1:
-        raise UsageError("compress needs exactly one of --drop P (DeRS sparsification), "
-                         "--lossless (every expert bit for bit), --target-size F and "
-                         "--max-error E" + (f" (got {', '.join(given)})" if given else ""))
+                  max_error: float | None, sparse: dict) -> CodecSpec | TargetSpec:
+    """The library's setting for the one mode given (``sparse``: SparseSpec's other fields)."""
+    from ..choose import TargetSpec, parse_fraction
+    from ..decompose import LosslessSpec, SparseSpec
+
     if drop is not None:
-        return sparse
+        return SparseSpec(drop, **sparse)
     if lossless:
         return LosslessSpec()
     fraction = parse_fraction(target_size) if target_size is not None else None
     return TargetSpec(max_error=max_error, target_size=fraction)
 
 
-def _run(model: str, spec: CodecSpec | TargetSpec, out_path: Path | None, json: bool,
-         quiet: bool,
-         **options: object) -> None:
+def _run(model: str, spec: CodecSpec | SparseSpec | TargetSpec, out_path: Path | None,
+         json: bool, quiet: bool, **options: object) -> None:
+    from ..compress import compress
+
     start = time.perf_counter()
     with reported():
         result = compress(model, spec, out_path, reporter=RichReporter(quiet or json),

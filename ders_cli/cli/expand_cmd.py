@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Annotated
 
-from ..expand import expand
 from .console import RichReporter, human_bytes, out, print_json, reported, shown
-from .options import ArchiveArg, DeviceOpt, ForceOpt, JsonOpt, OutOpt, QuietOpt
+from .options import ArchiveArg, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, examples, out_option
+
+EXAMPLES = examples("ders expand moe.ders                 # writes moe-expanded/",
+                    "ders expand moe.ders -o ./moe-restored")
 
 
-def expand_cmd(archive: ArchiveArg, out_path: OutOpt = None, device: DeviceOpt = "auto",
-               force: ForceOpt = False, json: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    """Write the dense checkpoint back: same shards, names, dtypes, index and side files."""
+def expand_cmd(
+    archive: ArchiveArg,
+    out_path: Annotated[Path | None, out_option(
+        "The folder to write (default: ARCHIVE's name without .ders plus -expanded, beside "
+        "it).")] = None,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write the checkpoint back from a .ders archive.
+
+    The same shard files, tensor names, dtypes, index and side files; every expert is checked
+    against the sha256 recorded when it was encoded."""
+    from ..expand import expand
+
     start = time.perf_counter()
     with reported():
         result = expand(archive, out_path, overwrite=force, device=device,

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
-from ..inspection import InspectReport, inspect_model
 from .console import (
     RichReporter,
     human_bytes,
@@ -26,21 +25,36 @@ from .options import (
     NoSharedOpt,
     QuietOpt,
     ThresholdOpt,
+    examples,
 )
 
+if TYPE_CHECKING:
+    from ..inspection import InspectReport
 
-def inspect(
+EXAMPLES = examples(
+    "ders inspect org/upcycled-moe",
+    "ders inspect ./moe --base ./dense --plot cosines.png   # against the dense init",
+    "ders inspect ./moe --json > report.json")
+
+
+def inspect_cmd(
     model: ModelArg,
     base: BaseOpt = "mean",
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     no_shared: NoSharedOpt = False,
     plot: Annotated[Path | None, typer.Option(
-        "--plot", help="Also draw the expert-similarity heat maps to this image (needs "
-                       "matplotlib).", show_default=False)] = None,
+        "--plot", metavar="PNG", show_default=False,
+        help="Also draw the expert-similarity heat maps to this image (pip install "
+             "'ders[plot]').")] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Find the expert groups, show how alike their experts are and what ders would save."""
+    """Find the expert groups and what each setting would save.
+
+    Shows each group's experts and how alike they are (cosines to the base and between
+    experts), whether it looks upcycled, and the archive each main setting would write."""
+    from ..inspection import inspect_model
+
     with reported():
         report = inspect_model(model, base=base, threshold=threshold, use_shared=not no_shared,
                                reporter=RichReporter(quiet or json))

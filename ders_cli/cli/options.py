@@ -1,26 +1,59 @@
-"""Options shared by several commands, defined once."""
+"""What the commands share, defined once: arguments and options with their metavars and
+choices, and the check that refuses a flag the chosen mode would ignore.
+
+Nothing here (or in any command module, at import time) loads torch: ``ders --help`` builds
+every command's help from these alone. The choices are the library's (tests/test_cli_options.py
+holds them equal).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..constants import DEFAULT_UPCYCLED_COS
+from ..errors import UsageError
+
+
+class Mask(str, Enum):
+    random = "random"
+    magnitude = "magnitude"
+
+
+class Rescale(str, Enum):
+    inverse = "inverse"
+    none = "none"
+    norm = "norm"
+
+
+class Method(str, Enum):
+    mse = "mse"
+    rtn = "rtn"
+
+
+class UpcycleMode(str, Enum):
+    lowrank = "lowrank"
+    sparse = "sparse"
+
 
 ModelArg = Annotated[str, typer.Argument(
-    help="Model folder of *.safetensors (one file or shards with an index), a single "
-         ".safetensors file, or a Hugging Face Hub repo id.", show_default=False)]
-ArchiveArg = Annotated[Path, typer.Argument(help="A .ders archive.", show_default=False)]
-OutOpt = Annotated[Path | None, typer.Option("-o", "--out", help="Output path.",
-                                             show_default=False)]
+    metavar="MODEL", show_default=False,
+    help="A folder of *.safetensors (one file or shards with their index), a single "
+         ".safetensors file, or a Hugging Face Hub repo id (org/name, org/name@revision).")]
+ArchiveArg = Annotated[Path, typer.Argument(metavar="ARCHIVE", show_default=False,
+                                            help="A .ders archive.")]
 BaseOpt = Annotated[str, typer.Option(
-    "--base", help="'mean' (the element-wise mean of each group) or a dense checkpoint whose "
-                   "FFN the experts were upcycled from.")]
+    "--base", metavar="mean|DENSE",
+    help="The base of each group: 'mean' (the element-wise mean of its experts) or a dense "
+         "checkpoint whose FFN the experts were upcycled from.")]
 ThresholdOpt = Annotated[float, typer.Option(
-    "--threshold", help="A group counts as upcycled when every expert has at least this cosine "
-                        "to its base; other groups are stored as they are.")]
+    "--threshold", metavar="COS",
+    help="A group counts as upcycled when every expert has at least this cosine to its base; "
+         "other groups are stored as they are.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite the output if it exists.")]
 NoSharedOpt = Annotated[bool, typer.Option(
     "--no-shared", help="Keep shared/universal FFNs out of their expert group (no extended "
@@ -29,11 +62,56 @@ AllGroupsOpt = Annotated[bool, typer.Option(
     "--all-groups", help="Compress every expert group, also those that do not look upcycled "
                          "(experts trained from scratch lose much more).")]
 GroupSizeOpt = Annotated[int, typer.Option(
-    "--group-size", help="Elements sharing one quantization scale and offset.")]
+    "--group-size", metavar="N", help="Elements sharing one quantization scale and offset.")]
+MethodOpt = Annotated[Method, typer.Option(
+    "--method", help="mse: clip search and least-squares scales (less error); rtn: min/max "
+                     "round to nearest (about 4x faster).")]
 DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="Where the codec arithmetic runs: auto (a CUDA GPU when there is one), "
-                     "cpu, cuda, cuda:N.")]
+    "--device", metavar="DEVICE", help="Where the codec arithmetic runs: auto (a CUDA GPU "
+                                       "when there is one), cpu, cuda, cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
 DEFAULT_THRESHOLD = DEFAULT_UPCYCLED_COS
+
+
+def out_option(help: str) -> typer.models.OptionInfo:
+    """``-o/--out PATH``; ``help`` names the default."""
+    return typer.Option("-o", "--out", metavar="PATH", show_default=False, help=help)
+
+
+def examples(*lines: str) -> str:
+    """A command's epilog: example command lines, shown as they are (``\\b`` keeps click from
+    re-wrapping them)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# ---- flags a mode would ignore ------------------------------------------------------------------
+
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set parameter ``name`` (on the command line or from the environment),
+    rather than leaving its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def flag(ctx: typer.Context, name: str) -> str:
+    """The flag of parameter ``name`` as the user would type it (its longest spelling)."""
+    for p in ctx.command.params:
+        if p.name == name:
+            return max(p.opts, key=len)
+    raise KeyError(name)
+
+
+def _listed(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def refuse(ctx: typer.Context, names: Iterable[str], only: str, instead: str = "") -> None:
+    """Refuse the flags among ``names`` that the user gave: they apply ``only`` (e.g. "with
+    --drop") and the chosen mode (``instead``, e.g. "--lossless") would ignore them."""
+    flags = [flag(ctx, n) for n in names if given(ctx, n)]
+    if flags:
+        verb = "applies" if len(flags) == 1 else "apply"
+        raise UsageError(f"{_listed(flags)} {verb} only {only}"
+                         + (f", not with {instead}" if instead else ""))

@@ -8,44 +8,59 @@ from typing import Annotated
 
 import typer
 
-from ..training.upcycle import UpcycleSpec
 from .console import RichReporter, human_bytes, out, print_json, reported, shown
-from .options import ForceOpt, JsonOpt, QuietOpt
+from .options import ForceOpt, JsonOpt, QuietOpt, UpcycleMode, examples, out_option, refuse
 
 DenseArg = Annotated[Path, typer.Argument(
-    help="A dense Llama, Mistral or Qwen2-style model folder (config.json + safetensors).",
-    show_default=False)]
+    metavar="DENSE", show_default=False,
+    help="A dense Llama, Mistral or Qwen2-style model folder (config.json + safetensors).")]
+
+EXAMPLES = examples(
+    "ders upcycle ./dense -o moe.ders --experts 8 --mode lowrank --rank 4    # DeRS-LM",
+    "ders upcycle ./dense -o moe.ders --mode sparse --rate 0.9999            # DeRS-SM")
 
 
 def upcycle_cmd(
+    ctx: typer.Context,
     dense: DenseArg,
-    out_path: Annotated[Path, typer.Option("-o", "--out", help="The .ders archive to write.",
-                                           show_default=False)],
-    experts: Annotated[int, typer.Option("--experts", help="Experts per MoE layer.")] = 4,
-    top_k: Annotated[int, typer.Option("--top-k", help="Experts each token is routed to.")] = 2,
-    mode: Annotated[str, typer.Option(
-        "--mode", help="'lowrank' (DeRS-LM: A random, B zero) or 'sparse' (DeRS-SM: fixed "
-                       "random positions, zero values).")] = "lowrank",
-    rank: Annotated[int, typer.Option("--rank", help="Rank r of DeRS-LM deltas.")] = 4,
+    out_path: Annotated[Path, out_option("The .ders archive to write.")],
+    experts: Annotated[int, typer.Option("--experts", metavar="N",
+                                         help="Experts per MoE layer.")] = 4,
+    top_k: Annotated[int, typer.Option("--top-k", metavar="K",
+                                       help="Experts each token is routed to.")] = 2,
+    mode: Annotated[UpcycleMode, typer.Option(
+        "--mode", help="lowrank (DeRS-LM: A random, B zero) or sparse (DeRS-SM: fixed random "
+                       "positions, zero values).")] = UpcycleMode.lowrank,
+    rank: Annotated[int, typer.Option("--rank", metavar="R",
+                                      help="With --mode lowrank: the deltas' rank.")] = 4,
     rate: Annotated[float, typer.Option(
-        "--rate", help="Drop rate p of DeRS-SM deltas: each keeps n(1-p) positions.")] = 0.9999,
+        "--rate", metavar="P",
+        help="With --mode sparse: the deltas' drop rate; each keeps n(1-P) positions.")] = 0.9999,
     every: Annotated[int, typer.Option(
-        "--every", help="Make every N-th layer a MoE layer (0, N, 2N, ...).")] = 1,
+        "--every", metavar="N", help="Make every N-th layer a MoE layer (0, N, 2N, ...).")] = 1,
     universal: Annotated[bool, typer.Option(
         "--universal", help="Add an always-on universal FFN beside the experts (Qwen2-MoE "
                             "shared expert), in the same DeRS group.")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of routers, masks and A.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="N",
+                                      help="Seed of routers, masks and A.")] = 0,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Upcycle a dense model into a DeRS MoE archive that trains (ders_cli.training)."""
-    from ..training.archive_io import upcycle_checkpoint
+    """Upcycle a dense model into a DeRS MoE archive that trains.
 
-    if mode == "vanilla":
-        raise typer.BadParameter("an archive holds DeRS experts: use 'lowrank' or 'sparse'",
-                                 param_hint="--mode")
-    spec = UpcycleSpec(experts=experts, top_k=top_k, mode=mode, rate=rate, rank=rank,
+    Every (or every N-th) FFN becomes a Mixtral or Qwen2-MoE block whose experts are one
+    shared weight plus a low-rank or sparse increment each; train it with
+    ders_cli.training.load_trainable and save it with save_archive."""
+    with reported():
+        if mode is UpcycleMode.lowrank:
+            refuse(ctx, ("rate",), "to --mode sparse", instead="--mode lowrank")
+        else:
+            refuse(ctx, ("rank",), "to --mode lowrank", instead="--mode sparse")
+    from ..training.archive_io import upcycle_checkpoint
+    from ..training.upcycle import UpcycleSpec
+
+    spec = UpcycleSpec(experts=experts, top_k=top_k, mode=mode.value, rate=rate, rank=rank,
                        every=every, universal=universal, seed=seed)
     start = time.perf_counter()
     with reported():

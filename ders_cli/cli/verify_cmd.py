@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..verify import VerifyReport, verify
 from .console import RichReporter, err, human_bytes, natural_key, out, print_json, reported
-from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt
+from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt, examples
+
+if TYPE_CHECKING:
+    from ..verify import VerifyReport
+
+EXAMPLES = examples("ders verify moe.ders                 # checksums and synthesis",
+                    "ders verify moe.ders --against ./moe --max-error 0.01")
 
 
 def verify_cmd(
     archive: ArchiveArg,
     against: Annotated[str | None, typer.Option(
-        "--against", help="The original model: check it is the archive's source and measure "
-                          "the error of every reconstructed expert.", show_default=False)] = None,
+        "--against", metavar="MODEL", show_default=False,
+        help="The original model: check it is the archive's source and measure the error of "
+             "every reconstructed expert.")] = None,
     max_error: Annotated[float | None, typer.Option(
-        "--max-error", help="Fail when an expert's relative error exceeds this.",
-        show_default=False)] = None,
+        "--max-error", metavar="E", show_default=False,
+        help="Fail (exit 1) when an expert's relative error exceeds E: measured with --against, "
+             "else as recorded when the archive was written.")] = None,
     device: DeviceOpt = "auto",
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check integrity (checksums, structure, synthesis) and, with --against, measure error."""
+    """Check an archive and, with --against, measure its error.
+
+    Checks every checksum and the structure, and synthesizes every expert; with --against,
+    also that the archive holds that model, and each expert's error and size by layer and
+    projection. Exit code 1 when a check fails."""
+    from ..verify import verify
+
     with reported():
         report = verify(archive, against, max_error=max_error, device=device,
                         reporter=RichReporter(quiet or json))

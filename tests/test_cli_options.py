@@ -1,0 +1,135 @@
+"""The command line's conventions: flags a mode would ignore are refused (one line, exit 2,
+nothing written), choices come from the library, -h/--version, examples and defaults in the
+help, help without torch, and docs/CLI.md as the commands define them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ders_cli.cli.app import COMMANDS, app
+from ders_cli.cli.options import Mask, Method, Rescale, UpcycleMode
+from fixtures.synthetic import upcycled_tensors, write_model
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-options")
+    return write_model(root / "model", upcycled_tensors(layers=1, hidden=32, intermediate=64))
+
+
+def refused(r, line: str) -> None:
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().splitlines() == [f"ders: {line}"]
+    assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--lossless", "--mask", "magnitude", "--bits", "4", "--seed", "7"],
+     "--mask, --bits and --seed apply only with --drop, not with --lossless"),
+    (["--max-error", "0.01", "--rescale", "none"],
+     "--rescale applies only with --drop, not with --max-error"),
+    (["--target-size", "30%", "--group-size", "64"],
+     "--group-size applies only with --drop, not with --target-size"),
+    (["--lossless", "--seed", "0"],  # the default value, but typed: still not read
+     "--seed applies only with --drop, not with --lossless"),
+    (["--drop", "0.9", "--group-size", "64"], "--group-size applies only with --bits"),
+    (["--drop", "0.9", "--mask", "magnitude", "--seed", "7"],
+     "--seed applies only to random masks, not with --mask magnitude"),
+])
+def test_compress_refuses_flags_its_mode_ignores(model, tmp_path, args, line):
+    out = tmp_path / "a.ders"
+    refused(run("compress", model, *args, "-o", out), line)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--mode", "sparse", "--rank", "8"], "--rank applies only to --mode lowrank, not with "
+                                          "--mode sparse"),
+    (["--rate", "0.99"], "--rate applies only to --mode sparse, not with --mode lowrank"),
+])
+def test_upcycle_refuses_the_other_modes_flag(tmp_path, args, line):
+    refused(run("upcycle", tmp_path / "dense", "-o", tmp_path / "a.ders", *args), line)
+
+
+def test_every_flag_of_a_mode_is_accepted_together(model, tmp_path):
+    r = run("compress", model, "--drop", "0.9", "--mask", "magnitude", "--rescale", "norm",
+            "--bits", "4", "--group-size", "64", "-o", tmp_path / "a.ders", "-q")
+    assert r.exit_code == 0, r.output
+    r = run("compress", model, "--drop", "0.5", "--seed", "7", "--mask", "random",
+            "-o", tmp_path / "b.ders", "-q")
+    assert r.exit_code == 0, r.output
+
+
+def test_library_errors_name_the_flag(model, tmp_path):
+    refused(run("compress", model, "--drop", "1.5", "-o", tmp_path / "a.ders"),
+            "--drop must be in [0, 1), got 1.5")
+    refused(run("quantize", model, "--bits", "5", "-o", tmp_path / "a.ders"),
+            "--bits must be one of 1, 2, 3, 4, 8, got 5")
+
+
+def test_choices_are_the_librarys():
+    from ders_cli.codecs.quant import METHODS
+    from ders_cli.codecs.sparse import MASKS, RESCALES
+    from ders_cli.training.upcycle import MODES
+
+    assert {m.value for m in Mask} == set(MASKS)
+    assert {m.value for m in Rescale} == set(RESCALES)
+    assert {m.value for m in Method} == set(METHODS)
+    # "vanilla" is the library's comparison mode: an archive holds DeRS experts
+    assert {m.value for m in UpcycleMode} == set(MODES) - {"vanilla"}
+
+
+def test_a_wrong_choice_lists_the_choices(model):
+    r = run("compress", model, "--drop", "0.9", "--mask", "largest")
+    assert r.exit_code == 2 and "random" in r.output and "magnitude" in r.output
+
+
+def test_help_version_examples_and_defaults():
+    from ders_cli import __version__
+    from ders_cli.constants import FORMAT_VERSION
+
+    r = run("--version")
+    assert r.exit_code == 0
+    assert r.stdout == f"ders {__version__} (archive format version {FORMAT_VERSION})\n"
+    assert run("-h").stdout == run("--help").stdout
+    for name in COMMANDS:
+        text = run(name, "-h").stdout
+        assert text == run(name, "--help").stdout
+        assert "Examples:" in text and f"ders {name} " in text.split("Examples:")[1]
+        assert "TEXT" not in text and "FLOAT" not in text and "INTEGER" not in text
+    compress = run("compress", "-h").stdout
+    assert "random|magnitude" in compress and "inverse|none|norm" in compress
+    assert "default: MODEL's name with .ders" in " ".join(compress.split())
+    assert "mse|rtn" in run("quantize", "-h").stdout
+    assert "lowrank|sparse" in run("upcycle", "-h").stdout
+    assert "-expanded" in run("expand", "-h").stdout
+
+
+def test_help_and_version_do_not_import_torch():
+    code = ("import sys\nfrom ders_cli.cli.app import main\n"
+            "for argv in (['ders', '--help'], ['ders', 'compress', '-h'], ['ders', '--version']):"
+            "\n    sys.argv = argv\n    try:\n        main()\n    except SystemExit:\n"
+            "        pass\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: ders compress" in proc.stdout
+
+
+def test_docs_cli_md_is_current():
+    from ders_cli.cli.reference import render
+
+    assert (ROOT / "docs" / "CLI.md").read_text() == render(), (
+        "docs/CLI.md is out of date: run python -m ders_cli.cli.reference")
