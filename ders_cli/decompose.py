@@ -31,6 +31,7 @@ from .codecs.sparse import MASKS, RESCALES
 from .constants import DEFAULT_GROUP_SIZE, QUANT_BITS
 from .errors import UsageError
 from .finite import all_finite
+from .profile import stage
 from .records import ExpertGroup
 from .safetensors_io import DTYPE_NAMES, tensor_bytes
 from .stats import cos_from_norms, norm
@@ -246,37 +247,41 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
     ring = [torch.empty(flat.shape[1], dtype=members.dtype) for _ in range(RECON_BUFFERS)]
     rows, shas, rel_error, cos, cos_base = [], [], [], [], []
     for i in range(n_members):
-        w.copy_(flat[i])
-        w_norm = norm(w)
-        # A NaN or an infinity makes the norm non-finite: the check costs no pass of its own.
-        # (So can squares that overflow: then the exact test decides.)
-        if not math.isfinite(w_norm) and not all_finite(flat[i]):
-            raise NonFiniteMember(i)
-        d_norm = norm(torch.sub(w, base_c, out=delta))
-        cos_base.append(_six(cos_from_norms(w_norm, base_norm, d_norm)))
-        if issubclass(impl, ExactCodec):
-            row, decoded = impl.encode_exact(flat[i], base_flat, dtype, params, i)
-        else:
-            # Codecs may overwrite ``delta`` but keep no reference to it in their rows.
-            row, decoded = impl.encode_member(delta, dtype, params, i)
+        with stage("measure"):
+            w.copy_(flat[i])
+            w_norm = norm(w)
+            # A NaN or an infinity makes the norm non-finite: the check costs no pass of its
+            # own. (So can squares that overflow: then the exact test decides.)
+            if not math.isfinite(w_norm) and not all_finite(flat[i]):
+                raise NonFiniteMember(i)
+            d_norm = norm(torch.sub(w, base_c, out=delta))
+            cos_base.append(_six(cos_from_norms(w_norm, base_norm, d_norm)))
+        with stage("codec"):
+            if issubclass(impl, ExactCodec):
+                row, decoded = impl.encode_exact(flat[i], base_flat, dtype, params, i)
+            else:
+                # Codecs may overwrite ``delta`` but keep no reference to it in their rows.
+                row, decoded = impl.encode_member(delta, dtype, params, i)
         rows.append(row)
         recon = ring[i % RECON_BUFFERS]
         if i >= RECON_BUFFERS and isinstance(shas[i - RECON_BUFFERS], Future):
             shas[i - RECON_BUFFERS].result()  # its hash has read the buffer: it is free again
-        if isinstance(decoded, ExactDelta):
-            exact, r_norm, e_norm = _exact_recon(base_flat, w, decoded)
-            recon.copy_(exact)
-        elif isinstance(decoded, SparseDelta):
-            r_norm, e_norm = _sparse_recon(base_flat, base_c, base_norm, w, d_norm, decoded,
-                                           recon)
-        else:
-            r_norm, e_norm = _dense_recon(base_c, w, decoded, recon)
+        with stage("measure"):
+            if isinstance(decoded, ExactDelta):
+                exact, r_norm, e_norm = _exact_recon(base_flat, w, decoded)
+                recon.copy_(exact)
+            elif isinstance(decoded, SparseDelta):
+                r_norm, e_norm = _sparse_recon(base_flat, base_c, base_norm, w, d_norm,
+                                               decoded, recon)
+            else:
+                r_norm, e_norm = _dense_recon(base_c, w, decoded, recon)
         view = tensor_bytes(recon)
         shas.append(hash_pool.submit(_sha, view, recon) if hash_pool else _sha(view, recon))
         rel_error.append(_six(e_norm / w_norm if w_norm else 0.0))
         cos.append(_six(cos_from_norms(r_norm, w_norm, e_norm)))
         del decoded
-    arrays, params = impl.combine(rows, params, flat.shape[1])
+    with stage("codec"):
+        arrays, params = impl.combine(rows, params, flat.shape[1])
     arrays = {k: v.cpu() for k, v in arrays.items()}
     recon_sha = [s.result() if isinstance(s, Future) else s for s in shas]
     return EncodedGroup(base, arrays, params, recon_sha, rel_error, cos, cos_base)
@@ -318,7 +323,8 @@ def _sparse_recon(base_flat: torch.Tensor, base_c: torch.Tensor, base_norm: floa
 
 def _sha(view: memoryview, keep_alive: torch.Tensor) -> str:
     del keep_alive  # held by the caller until the hash is done
-    return hashlib.sha256(view).hexdigest()
+    with stage("hash"):
+        return hashlib.sha256(view).hexdigest()
 
 
 def _six(x: float) -> float:

@@ -24,6 +24,7 @@ from .device import resolve_device
 from .errors import CorruptArchiveError
 from .lanes import Lane, compute_threads, release_memory
 from .outputs import BuildDir, check_free_space, check_new_output
+from .profile import stage
 from .progress import Reporter, Silent
 from .records import GroupRecord, Manifest
 from .safetensors_io import Header, tensor_bytes
@@ -66,8 +67,9 @@ class GroupArrays:
         g = self.record
         rows = get_codec(g.codec["name"]).member_rows(self.arrays, g.codec["params"], i)
         try:
-            return synthesize(self.base, g.codec["name"], g.codec["params"], rows, i, g.dtype,
-                              self.base_c, out)
+            with stage("synth"):
+                return synthesize(self.base, g.codec["name"], g.codec["params"], rows, i,
+                                  g.dtype, self.base_c, out)
         except ValueError as exc:  # stored bytes that do not decode (an entropy coder's)
             raise CorruptArchiveError(f"group {g.key!r}: {exc}", self.archive) from None
 
@@ -167,11 +169,14 @@ def _copy_passthrough(reader: ArchiveReader, name: str, sha: str, fd: int, offse
 def _write_member(reader: ArchiveReader, label: str, w: torch.Tensor, sha: str, fd: int,
                   offset: int, reporter: Reporter) -> None:
     data = tensor_bytes(w)
-    if hashlib.sha256(data).hexdigest() != sha:
+    with stage("hash"):
+        digest = hashlib.sha256(data).hexdigest()
+    if digest != sha:
         raise CorruptArchiveError(
             f"synthesized {label!r} differs from the archive's record "
             "(corrupt archive, or a platform that computes differently)", reader.path)
-    _pwrite_all(fd, data, offset)
+    with stage("write"):
+        _pwrite_all(fd, data, offset)
     reporter.advance(len(data))
 
 

@@ -14,6 +14,7 @@ from .dense_base import DenseMatcher
 from .detect import with_members
 from .errors import InputError
 from .finite import all_finite
+from .profile import stage
 from .records import ExpertGroup, Member
 from .safetensors_io import TORCH_DTYPES
 from .stats import cosine, mean_base, member_stats
@@ -68,18 +69,20 @@ def read_members(files: ShardFiles, ckpt: Checkpoint, members: tuple[Member, ...
     out = torch.empty((len(members), *shape), dtype=TORCH_DTYPES[dtype])
     flat = out.view(len(members), -1).view(torch.uint8)
     views = []
-    for i, m in enumerate(members):
-        e = ckpt.entry(m.tensor)
-        offset, _ = m.byte_range(e.begin, e.nbytes)
-        views.append(memoryview(flat[i].numpy()))
-        files.of(m.tensor).read_into(offset, views[i])
+    with stage("read"):
+        for i, m in enumerate(members):
+            e = ckpt.entry(m.tensor)
+            offset, _ = m.byte_range(e.begin, e.nbytes)
+            views.append(memoryview(flat[i].numpy()))
+            files.of(m.tensor).read_into(offset, views[i])
     shas = {}
-    for name in dict.fromkeys(m.tensor for m in members):
-        parts = sorted((m.slice or 0, i) for i, m in enumerate(members) if m.tensor == name)
-        sha = hashlib.sha256()
-        for _, i in parts:
-            sha.update(views[i])
-        shas[name] = sha.hexdigest()
+    with stage("hash"):  # the bytes just read, in memory: never a second read
+        for name in dict.fromkeys(m.tensor for m in members):
+            parts = sorted((m.slice or 0, i) for i, m in enumerate(members) if m.tensor == name)
+            sha = hashlib.sha256()
+            for _, i in parts:
+                sha.update(views[i])
+            shas[name] = sha.hexdigest()
     if check_finite and not all_finite(out):
         bad = next(i for i in range(len(members)) if not all_finite(out[i]))
         raise non_finite(files, members[bad])

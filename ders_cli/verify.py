@@ -25,6 +25,7 @@ from .errors import CorruptArchiveError
 from .expand import GroupArrays, group_arrays
 from .grouping import read_members
 from .lanes import Lane, compute_threads, release_memory
+from .profile import stage
 from .progress import Reporter, Silent
 from .records import GroupRecord
 from .safetensors_io import tensor_bytes, tensor_nbytes
@@ -237,7 +238,9 @@ def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport) -> Gr
     cd = compute_dtype(g.dtype)
     for i, member in enumerate(g.members):
         w_hat = f.parts.member(i).cpu()
-        if hashlib.sha256(tensor_bytes(w_hat)).hexdigest() != g.recon_sha256[i]:
+        with stage("hash"):
+            digest = hashlib.sha256(tensor_bytes(w_hat)).hexdigest()
+        if digest != g.recon_sha256[i]:
             report.fail(f"{member.label!r}: synthesis does not reproduce the recorded bytes")
         if f.original is not None:
             report.experts_compared += 1

@@ -17,7 +17,7 @@ import zstandard
 import ders_cli as ders
 from ders_cli.archive import header_hash
 from ders_cli.constants import HEADER_PREFIX
-from fixtures.make_golden import ARCHIVES, GOLDEN, TINY, spec_of
+from fixtures.make_golden import ARCHIVES, GOLDEN, READER_VECTORS, TINY, spec_of
 
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 
@@ -26,7 +26,7 @@ def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("name", sorted(ARCHIVES))
+@pytest.mark.parametrize("name", sorted(ARCHIVES) + sorted(READER_VECTORS))
 def test_committed_archive_expands_to_the_recorded_bytes(tmp_path, name):
     assert sha(GOLDEN / name) == EXPECTED[name]["archive_sha256"]
     folder = ders.expand(GOLDEN / name, tmp_path / "x").folder

@@ -22,7 +22,17 @@ from ders_cli.archive import ArchiveReader, header_hash
 from ders_cli.cli.app import app
 from ders_cli.codecs import LosslessCodec
 from ders_cli.codecs.bases import load_base, stored_base
-from ders_cli.codecs.lossless import ordered, residual, restore, unzigzag, zigzag
+from ders_cli.codecs.lossless import (
+    exponent_order,
+    frame_of,
+    ordered,
+    residual,
+    restore,
+    restore_sorted,
+    sorted_planes,
+    unzigzag,
+    zigzag,
+)
 from ders_cli.codecs.planes import WORD_TYPES, pack, plane_bytes, unpack, words_of
 from ders_cli.constants import BASE_PLANES_ZSTD, DTYPE_BITS, FLOAT_FIELDS, HEADER_PREFIX
 from ders_cli.decompose import encode_group, synthesize
@@ -123,6 +133,23 @@ def test_residuals_invert_for_any_bits(width, seed, size):
     base = rng.integers(0, np.iinfo(t).max, size, dtype=t, endpoint=True)
     assert np.array_equal(restore(residual(member, base), base), member)
     assert np.array_equal(unzigzag(zigzag(member)), member)
+
+
+@given(dtype=st.sampled_from(["BF16", "F16", "F32", "F64"]), seed=st.integers(0, 2**32 - 1),
+       size=st.integers(0, 3000), near=st.booleans())
+def test_the_one_pass_kernels_are_residual_order_and_planes(dtype, seed, size, near):
+    """sorted_planes / restore_sorted (numba) against the definitions, one numpy step at a
+    time: any bits, and members near their base as real ones are."""
+    rng = np.random.default_rng(seed)
+    t = WORD_TYPES[DTYPE_BITS[dtype] // 8]
+    base = rng.integers(0, np.iinfo(t).max, size, dtype=t, endpoint=True)
+    member = (base + rng.integers(0, 3, size).astype(t) if near
+              else rng.integers(0, np.iinfo(t).max, size, dtype=t, endpoint=True))
+    order, cuts = exponent_order(base, dtype)
+    planes, got_cuts = sorted_planes(member, base, dtype)
+    assert np.array_equal(planes, plane_bytes(residual(member, base)[order]))
+    assert got_cuts == cuts.tolist()
+    assert np.array_equal(restore_sorted(planes, base, dtype), member)
 
 
 def test_zigzag_maps_small_differences_to_small_words():
@@ -296,7 +323,7 @@ def test_decoding_follows_the_specification(dtype, size, seed):
     base, member = members[0].reshape(-1)[:size], members[1].reshape(-1)[:size]
     row, _ = LosslessCodec.encode_exact(member, base, dtype, {}, 0)
     width = DTYPE_BITS[dtype] // 8
-    z = unpack(row["residuals"].numpy(), size, width)
+    z = unpack(frame_of(row).numpy(), size, width)
     assert plane_bytes(z).tobytes() == planes(z.tolist(), width)
     got = lossless_member(words_of(base).tolist(), z.tolist(), dtype)
     assert got == words_of(member).tolist()
@@ -311,7 +338,7 @@ def test_the_vectors_of_the_specification():
     member = torch.tensor([1.0078125, 0.5, 1.9921875, -0.75], dtype=torch.bfloat16)
     assert words_of(member).tolist() == [0x3F81, 0x3F00, 0x3FFF, 0xBF40]
     row, _ = LosslessCodec.encode_exact(member, base, "BF16", {}, 0)
-    content = zstandard.ZstdDecompressor().decompress(row["residuals"].numpy().tobytes())
+    content = zstandard.ZstdDecompressor().decompress(frame_of(row).numpy().tobytes())
     assert content == bytes.fromhex("0001020100fd0000")
     assert lossless_member(words_of(base).tolist(), [0, 0xFD01, 2, 1], "BF16") == [
         0x3F81, 0x3F00, 0x3FFF, 0xBF40]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..constants import BASE_RAW, DTYPE_BITS
+from ..profile import stage
 from ..safetensors_io import TORCH_DTYPES
 from .planes import pack, tensor_of, unpack, words_of
 
@@ -19,7 +20,8 @@ def stored_base(base: torch.Tensor, encoding: str, dtype: str, level: int | None
     as ``planes.pack``."""
     if encoding == BASE_RAW:
         return base, dtype
-    frame = pack(words_of(base), level=level)
+    with stage("base"):
+        frame = pack(words_of(base), level=level)
     return torch.frombuffer(bytearray(frame), dtype=torch.uint8), "U8"
 
 
@@ -34,6 +36,7 @@ def load_base(array: torch.Tensor, encoding: str, dtype: str, numel: int) -> tor
     encoded base does not decode to ``numel`` elements."""
     if encoding == BASE_RAW:
         return array.reshape(-1)
-    words = unpack(array.cpu().numpy(), numel, DTYPE_BITS[dtype] // 8)
+    with stage("base"):
+        words = unpack(array.cpu().numpy(), numel, DTYPE_BITS[dtype] // 8)
     return tensor_of(words, TORCH_DTYPES[dtype])
 

@@ -9,25 +9,33 @@ reads these frames; the settings below are only this writer's choice.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 import zstandard
+
+from ..profile import stage
 
 # Unsigned words by width in bytes, and the signed types torch can view floats as.
 WORD_TYPES: dict[int, type[np.unsignedinteger]] = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _TORCH_INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NUMPY_INTS = {2: np.int16, 4: np.int32, 8: np.int64}
 
-# Measured on real upcycled bf16 experts (docs/FORMAT.md, "Lossless"): residual planes are almost
-# all literals of low entropy, where the chance matches that zstd's greedy and lazy strategies
-# take (any level up to 15) cost ~8% over the literals' entropy. The optimal parser (btopt)
-# prices them and refuses; with the smallest search tables it is as small as level 19 and about
-# ten times faster. A 128 KiB window is one block: matches are rare anyway.
+# Measured on real upcycled bf16 experts (docs/FORMAT.md 5.6, `python -m bench.lossless`):
+# residual and base planes are almost all literals of low entropy, and the few matches worth
+# taking are long (runs in a residual's high byte). zstd's fast strategy with the smallest hash
+# table (64 entries) and the longest minimum match (7) finds those and hardly any chance
+# matches: Huffman-coded literals, 37.5% of the real layer's file at ~8x the speed of the
+# optimal parser (btopt with the smallest tables: 37.2%), which this writer used before.
+# Larger hash tables or shorter minimum matches take chance matches that cost more than the
+# literals they replace (hash log 12: 38.3%; minimum match 5: 38.0%).
 _PARAMS = zstandard.ZstdCompressionParameters(
-    strategy=zstandard.STRATEGY_BTOPT, window_log=17, hash_log=6, chain_log=6, search_log=1,
-    min_match=7, target_length=999, write_content_size=True, write_checksum=False)
+    strategy=zstandard.STRATEGY_FAST, window_log=17, hash_log=6, chain_log=6, search_log=1,
+    min_match=7, target_length=0, write_content_size=True, write_checksum=False)
 # A new block (with its own entropy tables) starts where the caller says the statistics change,
 # once at least this many bytes are pending: a table costs tens of bytes.
 MIN_BLOCK = 4096
@@ -56,10 +64,19 @@ def pack(words: np.ndarray, cuts: Sequence[int] = (), level: int | None = None) 
     """One zstd frame of the byte planes of ``words`` (1-D, unsigned), its size recorded in the
     frame header. ``cuts``: ascending element indices where the data's statistics change; the
     encoder begins a block there (and at every plane), so each part is coded on its own.
-    ``level``: a plain zstd level instead of the optimal parser, when speed matters more (level
-    1 runs ~10x faster for ~3% more bytes on a base)."""
-    planes = plane_bytes(words)
-    n = words.shape[0]
+    ``level``: a plain zstd level instead of this writer's settings (``_PARAMS``)."""
+    return pack_planes(plane_bytes(words), cuts, level)
+
+
+def pack_planes(planes: np.ndarray, cuts: Sequence[int] = (), level: int | None = None
+                ) -> bytes:
+    """``pack`` of words already split into planes (``[width, n]`` uint8)."""
+    with stage("zstd"):
+        return _pack_planes(planes, cuts, level)
+
+
+def _pack_planes(planes: np.ndarray, cuts: Sequence[int], level: int | None) -> bytes:
+    n = planes.shape[1]
     bounds = [c for c in cuts if 0 < c < n] + [n]
     out = []
     compressor = (zstandard.ZstdCompressor(compression_params=_PARAMS) if level is None
@@ -78,9 +95,58 @@ def pack(words: np.ndarray, cuts: Sequence[int] = (), level: int | None = None) 
     return b"".join(out)
 
 
+class FramePool:
+    """Frames coded on threads (zstd releases the GIL) while the caller prepares the next
+    member: a pool sized to the machine, at most twice as many frames in flight as threads so
+    that the planes waiting for a thread stay a few members' worth. The frames are the same
+    bytes whichever thread codes them."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or usable_cores()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ders-zstd")
+        self._room = threading.BoundedSemaphore(2 * self.threads)
+
+    def submit(self, planes: np.ndarray, cuts: Sequence[int] = ()) -> Future:
+        """A future of ``pack_planes(planes, cuts)``."""
+        self._room.acquire()
+        try:
+            future = self._pool.submit(pack_planes, planes, cuts)
+        except BaseException:
+            self._room.release()
+            raise
+        future.add_done_callback(lambda _: self._room.release())
+        return future
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_FRAMES: list[FramePool] = []
+_FRAMES_LOCK = threading.Lock()
+
+
+def frame_pool() -> FramePool:
+    """The process's pool of zstd threads (created on first use)."""
+    if not _FRAMES:
+        with _FRAMES_LOCK:
+            if not _FRAMES:
+                _FRAMES.append(FramePool())
+    return _FRAMES[0]
+
+
 def unpack(frame: bytes | memoryview, n: int, width: int) -> np.ndarray:
     """The ``n`` words of ``width`` bytes whose planes ``frame`` holds: exactly one zstd frame
     of ``n * width`` bytes. Raises ValueError for anything else."""
+    return from_planes(unpack_planes(frame, n, width))
+
+
+def unpack_planes(frame: bytes | memoryview, n: int, width: int) -> np.ndarray:
+    """``unpack``'s planes, ``[width, n]`` uint8, before they are joined into words."""
     size = n * width
     try:
         # The decoder allocates what a frame declares, or max_output_size when it declares
@@ -89,15 +155,16 @@ def unpack(frame: bytes | memoryview, n: int, width: int) -> np.ndarray:
         declared = zstandard.frame_content_size(frame)
         if 0 <= declared != size and declared != zstandard.CONTENTSIZE_UNKNOWN:
             raise ValueError(f"zstd frame declares {declared} bytes, expected {size}")
-        if declared == size:
-            raw = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
-        else:
-            raw = _decode_undeclared(frame, size)
+        with stage("zstd"):
+            if declared == size:
+                raw = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
+            else:
+                raw = _decode_undeclared(frame, size)
     except zstandard.ZstdError as exc:
         raise ValueError(f"not one zstd frame ({exc})") from None
     if len(raw) != size:
         raise ValueError(f"zstd frame holds {len(raw)} bytes, expected {size}")
-    return from_planes(np.frombuffer(raw, dtype=np.uint8).reshape(width, n))
+    return np.frombuffer(raw, dtype=np.uint8).reshape(width, n)
 
 
 def _frame_length(frame: memoryview) -> int:
