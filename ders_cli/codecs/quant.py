@@ -12,12 +12,14 @@ operations (never fused), so every platform gives the same bits.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..constants import CODEC_QUANT, QUANT_BITS, QUANT_PARAM_DTYPE
 from ..safetensors_io import TORCH_DTYPES
 from .base import ArraySpec, DeltaCodec, compute_dtype
 from .bitpack import pack, packed_nbytes, unpack
+from .jit import kernel
 
 _PARAM = TORCH_DTYPES[QUANT_PARAM_DTYPE]
 
@@ -64,12 +66,146 @@ def _sq_error(xg: torch.Tensor, q: torch.Tensor, off: torch.Tensor, sc: torch.Te
     return err
 
 
+# Groups handled at once by mse_range: every step makes a temporary of this many groups, which
+# stays in cache (256 KiB of f32 at 128 per group) and is reused by the allocator, where
+# member-sized ones went back to the kernel and came back as fresh pages at every step. Each
+# group's arithmetic is its own row's, so the result is the same bits whatever the chunking.
+_MSE_ROWS = 512
+
+
 def mse_range(xg: torch.Tensor, tail: int, lo: torch.Tensor, hi: torch.Tensor, levels: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(offset, scale) per group minimising the squared error, never worse than min/max
     rounding: the range shrunk about its centre by the best of SHRINKS (outliers clipped), then
     the least-squares line through (code, value) refitted REFITS times, each change kept only
     where it lowers the group's error. ``tail``: valid elements of the last group."""
+    rows, g = xg.shape
+    if (xg.device.type == "cpu" and xg.dtype == torch.float32 and g % 32 == 0 and g <= 512
+            and xg.is_contiguous() and _sum_order_is_torchs()):
+        full = rows if tail == g else rows - 1  # a short last group: torch's code, below
+        off, sc = _mse_numba(xg[:full], lo[:full], hi[:full], levels)
+        if full == rows:
+            return off, sc
+        o, s = _mse_rows(xg[full:], tail, lo[full:], hi[full:], levels)
+        return torch.cat([off, o]), torch.cat([sc, s])
+    if rows <= _MSE_ROWS:
+        return _mse_rows(xg, tail, lo, hi, levels)
+    off, sc = torch.empty_like(lo), torch.empty_like(lo)
+    for start in range(0, rows, _MSE_ROWS):
+        end = min(rows, start + _MSE_ROWS)
+        o, s = _mse_rows(xg[start:end], tail if end == rows else xg.shape[1], lo[start:end],
+                         hi[start:end], levels)
+        off[start:end], sc[start:end] = o, s
+    return off, sc
+
+
+# The numba version of _mse_rows: the same arithmetic, one group at a time in registers and a
+# 128-float scratch, no temporaries. Every step is the torch code's own, rounded to f32 where it
+# rounds (no fused multiply-add, no reassociation), and each sum over a group adds its elements
+# in the order torch's CPU sum does for a contiguous row of a multiple of 32 floats: four
+# accumulators of 8 lanes, vector i into accumulator i mod 4, the accumulators added in order,
+# then the 8 lanes in order. ``_sum_order_is_torchs`` checks that order against torch on the
+# running machine before the kernel is used: where it differs, torch's code runs instead, so
+# every archive is the same bits either way.
+
+@kernel
+def _mse_kernel(xg, lo, hi, levels, shrinks, refits, out_off, out_sc
+                ):  # pragma: no cover - compiled by numba
+    f32 = np.float32
+    rows, g = xg.shape
+    lv = f32(levels)
+    acc = np.empty(32, np.float32)
+    e = np.empty(g, np.float32)
+    q = np.empty(g, np.float32)
+
+    def ordered_sum(v):
+        # acc[8k + lane]: accumulator k's lane; 32 independent lanes, so the loop vectorizes.
+        acc[:] = 0
+        for i in range(g // 32):
+            for t in range(32):
+                acc[t] = f32(acc[t] + v[32 * i + t])
+        total = f32(0)
+        for lane in range(8):
+            a = f32(f32(f32(acc[lane] + acc[8 + lane]) + acc[16 + lane]) + acc[24 + lane])
+            acc[lane] = a
+        for lane in range(8):
+            total = f32(total + acc[lane])
+        return total
+
+    def codes(x, off, sc):
+        if sc > 0:
+            for j in range(g):
+                q[j] = min(max(np.rint(f32(f32(x[j] - off) / sc)), f32(0)), lv)
+        else:
+            q[:] = 0
+
+    def sq_error(x, off, sc):
+        codes(x, off, sc)
+        for j in range(g):
+            d = f32(f32(f32(q[j] * sc) + off) - x[j])
+            e[j] = f32(d * d)
+        return ordered_sum(e)
+
+    for r in range(rows):
+        x = xg[r]
+        lo_r, h = lo[r], hi[r]
+        centre, half = f32(f32(h + lo_r) / f32(2)), f32(f32(h - lo_r) / f32(2))
+        best_off, best_sc = lo_r, f32(f32(h - lo_r) / lv)
+        best_err = sq_error(x, best_off, best_sc)
+        for s in range(1, shrinks.shape[0]):
+            off = f32(centre - f32(f32(shrinks[s]) * half))
+            sc = f32(f32(f32(2 * shrinks[s]) * half) / lv)
+            err = sq_error(x, off, sc)
+            if err < best_err:
+                best_off, best_sc, best_err = off, sc, err
+        count = f32(g)
+        for _ in range(refits):
+            codes(x, best_off, best_sc)
+            mq = f32(ordered_sum(q) / count)
+            mx = f32(ordered_sum(x) / count)
+            for j in range(g):
+                q[j] = f32(q[j] - mq)
+                e[j] = f32(q[j] * x[j])
+            cov = ordered_sum(e)
+            for j in range(g):
+                e[j] = f32(q[j] * q[j])
+            var = ordered_sum(e)
+            sc = f32(cov / max(var, f32(1e-30))) if var > 0 else best_sc
+            sc = max(sc, f32(0))
+            off = f32(mx - f32(sc * mq))
+            err = sq_error(x, off, sc)
+            if err < best_err:
+                best_off, best_sc, best_err = off, sc, err
+        out_off[r], out_sc[r] = best_off, best_sc
+
+
+_SUM_ORDER: list[bool] = []
+
+
+def _sum_order_is_torchs() -> bool:
+    """Whether the kernel's order of summation gives torch's sums here, bit for bit, on rows
+    chosen to expose any other order (checked once per process)."""
+    if not _SUM_ORDER:
+        gen = torch.Generator().manual_seed(14)
+        rows = (torch.randn(512, 128, generator=gen) ** 2 * torch.rand(512, 1, generator=gen)
+                * torch.logspace(-8, 2, 512)[:, None])
+        lo, hi = rows.amin(dim=1), rows.amax(dim=1)
+        got = _mse_numba(rows, lo, hi, 3)
+        want = _mse_rows(rows, 128, lo, hi, 3)
+        _SUM_ORDER.append(all(torch.equal(a, b) for a, b in zip(got, want, strict=True)))
+    return _SUM_ORDER[0]
+
+
+def _mse_numba(xg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    off, sc = torch.empty_like(lo), torch.empty_like(lo)
+    _mse_kernel(xg.numpy(), lo.numpy(), hi.numpy(), levels, np.array(SHRINKS), REFITS,
+                off.numpy(), sc.numpy())
+    return off, sc
+
+
+def _mse_rows(xg: torch.Tensor, tail: int, lo: torch.Tensor, hi: torch.Tensor, levels: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     centre, half = (hi + lo) / 2, (hi - lo) / 2
     best_off, best_sc = lo, (hi - lo) / levels
     best_err = _sq_error(xg, _codes(xg, best_off, best_sc, levels), best_off, best_sc, tail)
