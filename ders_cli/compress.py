@@ -37,9 +37,9 @@ from .decompose import (
     measure_group,
 )
 from .dense_base import DenseMatcher
-from .detect import Found, find_groups
+from .detect import Found, find_groups, nothing_to_compress, quantized_summary
 from .device import resolve_device
-from .errors import UsageError
+from .errors import InputError, UsageError
 from .grouping import Fetched, LoadedGroup, fetch_group, non_finite, prepare_group
 from .lanes import Lane, compute_threads, release_memory
 from .outputs import check_new_output
@@ -133,6 +133,9 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
         found = Found([e.group for e in given], [])
     else:
         found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
+        why = nothing_to_compress(found)
+        if why:  # an archive would be the checkpoint again, a little larger
+            raise InputError(f"nothing to compress: {why}; no archive written", model)
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
     check_new_output(dest, overwrite)
     matcher = None
@@ -141,6 +144,9 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     choices = None
     if isinstance(spec, TargetSpec) and spec.target_size is not None:
         choices = plan_target(ckpt, found, spec.target_size)
+    quantized = quantized_summary(found.skipped)
+    for line in quantized:
+        reporter.warn(line)
     job = _Job(ckpt, found, spec, matcher, threshold, use_shared, all_groups, reporter, where)
     job.choices = choices
     job.given = {e.group.key: e for e in given}
@@ -160,7 +166,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
         archive_bytes=size,
         header_bytes=size - writer.data_bytes,
         groups=job.summaries,
-        warnings=job.warnings,
+        warnings=quantized + job.warnings,
     )
 
 

@@ -15,8 +15,10 @@ too):
   says how many experts there are.
 
 Experts are matrices: 1-D per-expert biases and norms pass through, and so do quantization
-companions (block scales) whatever their shape. Whether a group really was upcycled is decided
-later, from the weights.
+companions (block scales) whatever their shape. Experts another format has quantized (FP8,
+compressed-tensors, GPTQ, MXFP4: ``quantized.py``) are named, with their format, among the
+skipped groups: they pass through. Whether a group really was upcycled is decided later, from
+the weights.
 """
 
 from __future__ import annotations
@@ -26,11 +28,10 @@ from dataclasses import dataclass, field, replace
 
 from .constants import FLOAT_DTYPES
 from .families import VOCABULARY
+from .quantized import REASON, is_companion, quant_format
 from .records import ExpertGroup, Member
 from .safetensors_io import TensorEntry
 
-COMPANION_SUFFIXES = ("_scale_inv", "_scales", "_blocks", "weight_scale", "input_scale",
-                      ".qweight", ".qzeros", ".scales", ".g_idx")
 _EXPERT_ITEM = re.compile(r"^expert_(\d+)$")
 _WINDOW = 2
 
@@ -42,6 +43,11 @@ class Skipped:
     key: str
     members: tuple[str, ...]
     reason: str
+    quantized: str | None = None  # the format that already quantized these experts
+
+    def to_dict(self) -> dict[str, str]:
+        d = {"key": self.key, "reason": self.reason}
+        return d | ({"quantized": self.quantized} if self.quantized else {})
 
 
 @dataclass(frozen=True)
@@ -101,23 +107,31 @@ def expert_count_hint(config: dict | None) -> int | None:
     return None
 
 
-def _is_companion(name: str) -> bool:
-    return name.endswith(COMPANION_SUFFIXES)
-
-
 def find_groups(entries: dict[str, TensorEntry], config: dict | None = None) -> Found:
     """Expert groups among a checkpoint's tensors, and the naming groups that do not qualify."""
     by_key: dict[str, dict[int, str]] = {}
-    rest = []
-    for name in entries:
-        if _is_companion(name):
+    quantized: dict[tuple[str, str, str], dict[int, str]] = {}  # (key, format, dtype) -> members
+    rest, skipped = [], []
+    for name, e in entries.items():
+        fmt = quant_format(e, entries)
+        if fmt is not None:
+            slot = expert_slot(name)
+            if slot is not None:
+                quantized.setdefault((slot[0], fmt.name, e.dtype), {})[slot[1]] = name
+            elif len(e.shape) >= 3 and any(p in VOCABULARY.containers for p in name.split(".")):
+                members = tuple(f"{name}[{i}]" for i in range(e.shape[0]))  # fused: [E, ...]
+                skipped.append(_quantized(f"{name}[{{E}}]", members, fmt.name, e.dtype))
+            continue
+        if is_companion(name):
             continue
         slot = expert_slot(name)
         if slot is not None:
             by_key.setdefault(slot[0], {})[slot[1]] = name
         else:
             rest.append(name)
-    groups, skipped = [], []
+    for (key, fmt, dtype), members in quantized.items():
+        skipped.append(_quantized(key, tuple(members[i] for i in sorted(members)), fmt, dtype))
+    groups = []
     for key, members in by_key.items():
         order = sorted(members)
         names = tuple(members[i] for i in order)
@@ -135,6 +149,37 @@ def find_groups(entries: dict[str, TensorEntry], config: dict | None = None) -> 
             groups.append(group)
     shared = {g.key: _shared_candidates(g, entries) for g in groups}
     return Found(groups, skipped, {k: v for k, v in shared.items() if v})
+
+
+def _quantized(key: str, members: tuple[str, ...], fmt: str, dtype: str) -> Skipped:
+    return Skipped(key, members, f"already quantized: {dtype} {fmt}; {REASON}", fmt)
+
+
+def quantized_summary(skipped: list[Skipped]) -> list[str]:
+    """One line per format of the experts that are already quantized."""
+    by_format: dict[str, list[Skipped]] = {}
+    for s in skipped:
+        if s.quantized:
+            by_format.setdefault(s.quantized, []).append(s)
+    return [f"{sum(len(s.members) for s in found)} expert matrices in {len(found)} groups are "
+            f"already quantized ({fmt}; e.g. {found[0].key}): {REASON}"
+            for fmt, found in by_format.items()]
+
+
+def nothing_to_compress(found: Found) -> str | None:
+    """Why no group can be compressed, when none was found; None when there are groups."""
+    if found.groups:
+        return None
+    formats = list(dict.fromkeys(s.quantized for s in found.skipped if s.quantized))
+    if formats:
+        return (f"the experts are already quantized ({'; '.join(formats)}) and ders does not "
+                "decompress other formats yet")
+    if found.skipped:
+        s = found.skipped[0]
+        return (f"no expert group qualifies ({len(found.skipped)} candidates, e.g. {s.key}: "
+                f"{s.reason})")
+    return ("no expert groups found: ders finds experts by their names and shapes "
+            "(ders_cli/families.py lists the known layouts)")
 
 
 def _disqualify(names: tuple[str, ...], entries: dict[str, TensorEntry]) -> str:

@@ -12,7 +12,7 @@ from .checkpoint import open_checkpoint
 from .constants import DEFAULT_UPCYCLED_COS
 from .decompose import CodecSpec, QuantSpec, SparseSpec
 from .dense_base import DenseMatcher
-from .detect import find_groups, layer_of
+from .detect import find_groups, layer_of, nothing_to_compress, quantized_summary
 from .errors import UsageError
 from .grouping import load_group
 from .lanes import compute_threads
@@ -65,8 +65,10 @@ class InspectReport:
     side_bytes: int
     checkpoint_bytes: int  # shard files and side files, as on disk
     groups: list[GroupReport] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # key, reason[, quantized]
     estimates: list[Estimate] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)  # a line per format already quantized
+    nothing_to_compress: str | None = None  # why, when no group can be compressed
 
     @property
     def expert_share(self) -> float:
@@ -90,7 +92,9 @@ def inspect_model(model: str | Path, *, base: str | Path = "mean",
     matcher = DenseMatcher(open_checkpoint(base), threshold) if str(base) != "mean" else None
     report = InspectReport(str(model), threshold, sum(e.numel for _, e in ckpt.where.values()),
                            0, 0, ckpt.tensor_bytes, ckpt.side_bytes, ckpt.disk_bytes,
-                           skipped=[{"key": s.key, "reason": s.reason} for s in found.skipped])
+                           skipped=[s.to_dict() for s in found.skipped],
+                           quantized=quantized_summary(found.skipped),
+                           nothing_to_compress=nothing_to_compress(found))
     final: dict[str, ExpertGroup | None] = {}
     reporter.start("inspect", sum(g.nbytes for g in found.groups), len(found.groups))
     try:

@@ -292,7 +292,8 @@ def test_a_damaged_frame_with_valid_checksums_is_caught(model, tmp_path, where, 
     assert not ders.verify(dest).ok
 
 
-@pytest.mark.parametrize("name", sorted(LAYOUTS))
+# FP8 experts and LLaMA-MoE's slices leave nothing to compress: test_layouts checks the refusal
+@pytest.mark.parametrize("name", sorted(set(LAYOUTS) - {"deepseek_v3_fp8", "llama_moe"}))
 def test_every_layout_comes_back_byte_for_byte(name, tmp_path):
     src = LAYOUTS[name].make(tmp_path / "model", upcycled=True)
     result = ders.compress(src, ders.LosslessSpec(), tmp_path / "a.ders")

@@ -197,5 +197,8 @@ def show(r: CompressResult, seconds: float) -> None:
                       "-" if passthrough else f"{g.max_rel_error:.2e}",
                       "-" if passthrough else f"{g.min_cos:.6f}")
     out.print(table)
+    if r.groups and all(g.action == "passthrough" for g in r.groups):
+        out.print("[bold yellow]nothing was compressed:[/] no expert group looks upcycled, so "
+                  "every one is stored as it is (--all-groups compresses them anyway)")
     out.print(f"wrote [bold]{shown(r.archive)}[/]: {human_bytes(r.archive_bytes)}, "
               f"{r.ratio:.1%} of {human_bytes(r.input_bytes)}, in {seconds:.1f} s")

@@ -71,6 +71,33 @@ def inspect_cmd(
 
 
 def show(r: InspectReport) -> None:
+    if r.groups:
+        _groups(r)
+    for s in r.skipped:
+        if "quantized" not in s:
+            out.print(f"[yellow]not a group:[/] {s['key']}: {s['reason']}")
+    for line in r.quantized:
+        out.print(f"[yellow]{line}[/]")
+    out.print(f"parameters: {human_count(r.total_params)}; in expert groups: "
+              f"{human_count(r.expert_params)} ({r.expert_share:.1%}); upcycled: "
+              f"{human_count(r.upcycled_params)}")
+    if r.nothing_to_compress:
+        out.print(f"[bold yellow]nothing ders can compress:[/] {r.nothing_to_compress}")
+        return
+    est = Table(title="What each setting would write", title_justify="left")
+    for col in ("setting", "archive", "of original", "saved"):
+        est.add_column(col, justify="left" if col == "setting" else "right")
+    original = r.checkpoint_bytes
+    est.add_row("original", human_bytes(original), "100.0%", "")
+    for e in r.estimates:
+        est.add_row(e.setting, human_bytes(e.archive_bytes), f"{e.ratio:.1%}",
+                    human_bytes(original - e.archive_bytes))
+    out.print(est)
+    out.print("[dim]at most: bases are counted raw here; zstd-coded they take about a third "
+              "less[/]")
+
+
+def _groups(r: InspectReport) -> None:
     table = Table(title=f"Expert groups of {r.model}", title_justify="left")
     for col, just in (("group", "left"), ("N", "right"), ("shape", "left"), ("dtype", "left"),
                       ("cos to base (min)", "right"), ("cos between (min)", "right"),
@@ -96,19 +123,3 @@ def show(r: InspectReport) -> None:
     if bases:
         out.print("base: " + ("mean of each group" if bases == {"mean"} else
                               "dense checkpoint, matched per group"))
-    for s in r.skipped:
-        out.print(f"[yellow]not a group:[/] {s['key']}: {s['reason']}")
-    out.print(f"parameters: {human_count(r.total_params)}; in expert groups: "
-              f"{human_count(r.expert_params)} ({r.expert_share:.1%}); upcycled: "
-              f"{human_count(r.upcycled_params)}")
-    est = Table(title="What each setting would write", title_justify="left")
-    for col in ("setting", "archive", "of original", "saved"):
-        est.add_column(col, justify="left" if col == "setting" else "right")
-    original = r.checkpoint_bytes
-    est.add_row("original", human_bytes(original), "100.0%", "")
-    for e in r.estimates:
-        est.add_row(e.setting, human_bytes(e.archive_bytes), f"{e.ratio:.1%}",
-                    human_bytes(original - e.archive_bytes))
-    out.print(est)
-    out.print("[dim]at most: bases are counted raw here; zstd-coded they take about a third "
-              "less[/]")
