@@ -177,6 +177,9 @@ TWO_MATRIX = Dense(tensors={"up": "fc1.weight", "down": "fc2.weight"})
 GATE_UP_OUT_IN = Projection("gate_up_proj", ("gate", "up"), Form("[E, 2I, H]", "out,in", "halves"))
 DOWN_OUT_IN = Projection("down_proj", ("down",), Form("[E, H, I]", "out,in"))
 FUSED_OUT_IN = Experts("mlp.experts.{P}", (GATE_UP_OUT_IN, DOWN_OUT_IN))
+GRANITE = Experts("block_sparse_moe.{P}", (  # fused, without "experts" in the names
+    Projection("input_linear.weight", ("gate", "up"), Form("[E, 2I, H]", "out,in", "halves")),
+    Projection("output_linear.weight", ("down",), Form("[E, H, I]", "out,in"))))
 
 FAMILIES: tuple[Family, ...] = (
     Family("mixtral", {
@@ -197,6 +200,27 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen3_moe", {"per-expert": _per_expert("mlp.experts.{E}.{P}", LLAMA_FFN)},
            model_types=("qwen3_moe",), count_key="num_experts", memory=InMemory(),
            disk="per-expert [out, in] mlp.experts.{E}.{gate,up,down}_proj.weight"),
+    Family("minimax", {"per-expert": _per_expert("block_sparse_moe.experts.{E}.{P}",
+                                                 MIXTRAL_FFN)},
+           model_types=("minimax",), count_key="num_local_experts", upcycled="scratch",
+           disk="Mixtral's names (block_sparse_moe.experts.{E}.w1/w2/w3.weight)"),
+    Family("ernie4_5_moe", {"per-expert": _per_expert("mlp.experts.{E}.{P}", LLAMA_FFN)},
+           model_types=("ernie4_5_moe",), shared="mlp.shared_experts.{P}",
+           count_key="moe_num_experts", upcycled="scratch",
+           disk="per-expert [out, in] mlp.experts.{E}.*_proj.weight, mlp.shared_experts.* "
+                "(moe_num_shared_experts wide), router mlp.gate.weight and "
+                "mlp.moe_statics.e_score_correction_bias [1, E]"),
+    Family("glm4_moe", {"per-expert": _per_expert("mlp.experts.{E}.{P}", LLAMA_FFN)},
+           model_types=("glm4_moe",), shared="mlp.shared_experts.{P}",
+           count_key="n_routed_experts", upcycled="scratch",
+           disk="DeepSeek's names: experts from layer first_k_dense_replace on, "
+                "mlp.shared_experts.*, router mlp.gate.weight and e_score_correction_bias"),
+    Family("jamba", {"per-expert": _per_expert("feed_forward.experts.{E}.{P}", LLAMA_FFN)},
+           model_types=("jamba",), dense=Dense("feed_forward"), count_key="num_experts",
+           upcycled="scratch",
+           disk="per-expert [out, in] feed_forward.experts.{E}.*_proj.weight every "
+                "expert_layer_period-th layer, dense feed_forward.*_proj elsewhere, router "
+                "feed_forward.router.weight; Mamba and attention layers between"),
     Family("olmoe", {"per-expert": _per_expert("mlp.experts.{E}.{P}", LLAMA_FFN)},
            model_types=("olmoe",), count_key="num_experts", upcycled="scratch",
            disk="per-expert [out, in] mlp.experts.{E}.{gate,up,down}_proj.weight"),
@@ -207,12 +231,15 @@ FAMILIES: tuple[Family, ...] = (
                 "first_k_dense_replace on, dense mlp.* before; mlp.shared_experts.*; the MTP "
                 "layer (index num_hidden_layers) has experts too; the release is F8_E4M3 with "
                 "F32 *.weight_scale_inv companions"),
-    Family("granitemoe", {"fused": Experts("block_sparse_moe.{P}", (
-        Projection("input_linear.weight", ("gate", "up"), Form("[E, 2I, H]", "out,in", "halves")),
-        Projection("output_linear.weight", ("down",), Form("[E, H, I]", "out,in"))))},
+    Family("granitemoe", {"fused": GRANITE},
         model_types=("granitemoe",), count_key="num_local_experts", upcycled="scratch",
         disk="fused, no 'experts' in the name: block_sparse_moe.input_linear.weight [E, 2I, H], "
              "output_linear.weight [E, H, I] (JetMoE: mlp.input_linear/output_linear)"),
+    Family("granitemoeshared", {"fused": GRANITE},
+        model_types=("granitemoeshared",), shared="shared_mlp.{P}",
+        count_key="num_local_experts", upcycled="scratch",
+        disk="Granite-MoE's fused experts plus shared_mlp.input_linear.weight [2I, H] and "
+             "output_linear.weight [H, I], always on (cannot join fused experts)"),
     Family("llama4", {"fused": Experts("feed_forward.experts.{P}", (
         Projection("gate_up_proj", ("gate", "up"), Form("[E, H, 2I]", "in,out", "halves")),
         Projection("down_proj", ("down",), Form("[E, I, H]", "in,out"))))},
@@ -314,8 +341,8 @@ def members_of(name: str) -> list[tuple[Family, Experts, Projection, str]]:
 
 # Names seen in code of families that have no entry (and fixture) yet; detection knows them.
 ELSEWHERE_CONTAINERS = ("local_experts",)  # Megatron-core's SequentialMLP
-# Arctic's residual MLP, DeRS' universal expert, GraniteMoeShared's shared MLP:
-ELSEWHERE_SHARED = ("residual_mlp", "universal_expert", "shared_mlp")
+# Arctic's residual MLP, DeRS' universal expert:
+ELSEWHERE_SHARED = ("residual_mlp", "universal_expert")
 ELSEWHERE_LAYERS = ("h",)  # GPT-2-style bases (Qwen-1, MoE-LLaVA-Qwen)
 
 
