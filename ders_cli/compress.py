@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .archive import ArchiveWriter
+from .archive import ArchiveWriter, index_path, parse_size
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
 from .choose import LADDER, LOSSLESS_FROM, TargetSpec, plan_target
 from .codecs import get_codec
 from .codecs.bases import stored_base
 from .constants import (
     BASE_RAW,
+    DEFAULT_MAX_SHARD_SIZE,
     DEFAULT_UPCYCLED_COS,
     GROUP_ARRAY_NAME,
     SHARD_HEADER_NAME,
@@ -43,7 +44,7 @@ from .errors import InputError, UsageError
 from .grouping import Fetched, LoadedGroup, fetch_group, non_finite, prepare_group
 from .lanes import Lane, compute_threads, release_memory
 from .outputs import check_new_output
-from .plan import estimate_header, units
+from .plan import estimate_header, estimate_table, units
 from .progress import Reporter, Silent
 from .records import (
     ExpertGroup,
@@ -75,13 +76,14 @@ class GroupSummary:
 
 @dataclass
 class CompressResult:
-    archive: Path
+    archive: Path  # the file a reader opens: the archive, or a sharded archive's index
     setting: str
     input_bytes: int  # the checkpoint's shard files and side files
-    archive_bytes: int
+    archive_bytes: int  # every file of the archive
     header_bytes: int
     groups: list[GroupSummary] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # the archive's files: index first
 
     @property
     def ratio(self) -> float:
@@ -107,7 +109,8 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
              threshold: float = DEFAULT_UPCYCLED_COS, use_shared: bool = True,
              all_groups: bool = False, overwrite: bool = False, device: str = "auto",
              reporter: Reporter | None = None, reserve: int | None = None,
-             given: Sequence[GivenEncoding] = ()) -> CompressResult:
+             given: Sequence[GivenEncoding] = (),
+             max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
     LosslessSpec) or one chosen per group (TargetSpec: --max-error, --target-size).
 
@@ -119,12 +122,17 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     ``given`` (with ``spec`` None): the groups, with their base and codec arrays computed
     elsewhere (a DeRS-trained model, see ``ders_cli.training``); they replace detection and are
     stored as they are, measured against the checkpoint's tensors.
+
+    ``max_shard_size`` (bytes, or "5GB", "500MB" as transformers takes it; None: no limit): an
+    archive larger than this is written as shards and an index named after ``out``
+    (docs/FORMAT.md 10); the result's ``archive`` is then the index.
     """
     if (spec is None) == (not given):
         raise UsageError("compress needs a codec setting or given encodings, not both")
     if spec is not None:
         spec.check()
     where = resolve_device(device)
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
     reporter = reporter or Silent()
@@ -138,6 +146,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
             raise InputError(f"nothing to compress: {why}; no archive written", model)
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
     check_new_output(dest, overwrite)
+    check_new_output(index_path(dest), overwrite)  # where a sharded archive's index goes
     matcher = None
     if str(base) != "mean":
         matcher = DenseMatcher(open_checkpoint(base), threshold)
@@ -152,7 +161,9 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     job.given = {e.group.key: e for e in given}
     try:
         with ckpt.open() as files, ArchiveWriter(
-            dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite
+            dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite,
+            max_shard_size=limit,
+            shard_reserve=reserve if reserve is not None else estimate_table(ckpt, found),
         ) as writer, compute_threads():
             size = job.run(files, writer)
     finally:
@@ -160,13 +171,14 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
             matcher.close()
     reporter.finish()
     return CompressResult(
-        archive=dest,
+        archive=writer.path,
         setting=spec.label if spec is not None else "given",
         input_bytes=ckpt.disk_bytes,
         archive_bytes=size,
         header_bytes=size - writer.data_bytes,
         groups=job.summaries,
         warnings=quantized + job.warnings,
+        files=[str(f) for f in writer.files],
     )
 
 
@@ -377,7 +389,8 @@ class _Job:
         return chosen
 
     def _store(self, w: ArchiveWriter, stored: list, nbytes: int) -> None:
-        """Write a group's base and codec arrays (runs on the writer lane)."""
-        for name, t, dtype in stored:
-            w.add_tensor(name, t, dtype)
+        """Write a group's base and codec arrays, in one shard (runs on the writer lane)."""
+        with w.together(sum(t.numel() * t.element_size() for _, t, _ in stored)):
+            for name, t, dtype in stored:
+                w.add_tensor(name, t, dtype)
         self.reporter.advance(nbytes, 1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 # --- the .ders archive -------------------------------------------------------------------------
 
 FORMAT_NAME = "ders"
-FORMAT_VERSION = 2  # the newest version this ders reads; it writes the oldest that suffices
+FORMAT_VERSION = 3  # the newest version this ders reads; it writes the oldest that suffices
 
 # The safetensors header of an archive begins with exactly these bytes, then 64 lowercase hex
 # digits of the header hash, then a closing quote. A fixed position lets any reader find the
@@ -19,6 +19,20 @@ HASH_HEX_LEN = 64
 META_FORMAT = "ders.format"
 META_VERSION = "ders.version"
 META_MANIFEST = "ders.manifest"
+
+# Sharded archives (docs/FORMAT.md 10): an index holding the manifest, and shards holding the
+# arrays. Version 3 is written only when an archive does not fit in one shard.
+SHARDED_VERSION = 3
+INDEX_HASH_KEY = "ders.index_sha256"
+INDEX_PREFIX = b'{"metadata":{"' + INDEX_HASH_KEY.encode() + b'":"'
+INDEX_SUFFIX = ".safetensors.index.json"  # transformers' name for a sharded checkpoint's index
+SHARD_SUFFIX = ".safetensors"
+META_SHARDS = "ders.shards"
+META_INDEX = "ders.index"
+MAX_INDEX_BYTES = 100_000_000
+# transformers' save_pretrained default: shards that every file system and the Hub (50 GB per
+# file) take, and that download in parallel.
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 
 # Names of the arrays an archive stores besides passthrough tensors (which keep their own names).
 RESERVED_PREFIX = "ders/"

@@ -19,6 +19,7 @@ import torch
 from .archive import ArchiveReader
 from .codecs import compute_dtype, get_codec
 from .codecs.bases import load_base
+from .constants import INDEX_SUFFIX, SHARD_SUFFIX
 from .decompose import synthesize
 from .device import resolve_device
 from .errors import CorruptArchiveError
@@ -42,8 +43,12 @@ class ExpandResult:
 
 
 def default_expand_path(archive: Path) -> Path:
-    stem = archive.name[: -len(".ders")] if archive.name.endswith(".ders") else archive.name
-    return archive.parent / f"{stem}-expanded"
+    """ARCHIVE's name without .ders (a sharded archive's without its index's suffix) plus
+    -expanded, beside it."""
+    stem = archive.name
+    for suffix in (INDEX_SUFFIX, SHARD_SUFFIX, ".ders"):
+        stem = stem.removesuffix(suffix)
+    return archive.parent / f"{stem or archive.name}-expanded"
 
 
 def shard_headers(reader: ArchiveReader) -> list[Header]:
@@ -95,7 +100,8 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
     where = resolve_device(device)
     archive = Path(archive)
     with ArchiveReader(archive) as reader:
-        dest = Path(out) if out is not None else default_expand_path(archive)
+        dest = Path(out) if out is not None else default_expand_path(
+            archive if archive.is_dir() else reader.path)
         check_new_output(dest, overwrite)
         m = reader.manifest
         headers = reader.shard_headers

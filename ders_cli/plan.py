@@ -74,3 +74,13 @@ def estimate_header(ckpt: Checkpoint, found: Found) -> int:
         size += max(compressed, raw)
     size += sum(len(p) + 380 for p in ckpt.side_files) + sum(len(s.file) + 330 for s in ckpt.shards)
     return size * 27 // 25
+
+
+def estimate_table(ckpt: Checkpoint, found: Found) -> int:
+    """Room to reserve for a shard's header (docs/FORMAT.md 10): the array table of the whole
+    archive, an upper bound of any shard's. A table entry is its name plus ~70 bytes; a group
+    stores at most five arrays (base, codec arrays), or its tensors when stored as they are."""
+    size = 512 + sum(len(n) + 90 for n in ckpt.where)
+    size += len(found.groups) * 5 * 100
+    size += 100 * (len(ckpt.side_files) + len(ckpt.shards))
+    return size * 27 // 25

@@ -22,7 +22,8 @@ from .constants import (
     FORMAT_VERSION,
 )
 
-_SHA = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA = SHA256
 
 
 @dataclass(frozen=True)

@@ -132,3 +132,83 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     """stderr's lines without the memory report and blank lines."""
     return [line for line in proc.stderr.splitlines()
             if line.strip() and not line.startswith("peak-rss-kb ")]
+
+
+@dataclass
+class CraftedSharded:
+    """A sharded archive (docs/FORMAT.md 10) taken apart: the index's metadata and weight_map,
+    the manifest, and each shard as a ``Crafted`` (its table, data and metadata). ``save``
+    re-signs every shard and the index, and records the shards' sizes and header hashes in
+    the index, as an attacker would."""
+
+    index_name: str
+    metadata: dict
+    weight_map: dict[str, str]
+    manifest: dict
+    shards: dict[str, Crafted]  # by file name, in the index's order
+
+    @staticmethod
+    def load(index: Path) -> CraftedSharded:
+        index = Path(index)
+        doc = json.loads(index.read_bytes())
+        meta = doc["metadata"]
+        shards = {}
+        for r in meta["ders.shards"]:
+            raw = (index.parent / r["file"]).read_bytes()
+            (n,) = struct.unpack("<Q", raw[:8])
+            header = json.loads(raw[8 : 8 + n])
+            metadata = header.pop("__metadata__")
+            table, data = {}, {}
+            for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                b, end = e["data_offsets"]
+                table[name] = {"dtype": e["dtype"], "shape": list(e["shape"])}
+                data[name] = raw[8 + n + b : 8 + n + end]
+            shards[r["file"]] = Crafted({}, table, data, metadata)
+        return CraftedSharded(index.name, meta, doc["weight_map"],
+                              json.loads(meta["ders.manifest"]), shards)
+
+    def shard_bytes(self, file: str) -> bytes:
+        s = self.shards[file]
+        meta = {k: v for k, v in s.metadata.items() if k != "ders.header_sha256"}
+        header: dict = {"__metadata__": {"ders.header_sha256": "0" * HASH_HEX_LEN, **meta}}
+        pos = 0
+        for name, e in s.table.items():
+            size = len(s.data[name])
+            header[name] = {**e, "data_offsets": [pos, pos + size]}
+            pos += size
+        body = json.dumps(header, separators=(",", ":")).encode()
+        return signed(body) + b"".join(s.data.values())
+
+    def save(self, folder: Path, records: bool = True, rehash: bool = True,
+             text_edit=None) -> Path:
+        """Write the index and every shard into ``folder``; returns the index's path.
+        ``records``: the index's shard list gets each shard's real size and header hash.
+        ``text_edit``: a function applied to the index's JSON text before it is signed."""
+        from ders_cli.archive import index_hash
+        from ders_cli.constants import INDEX_PREFIX
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if rehash:
+            self.manifest["stored"] = {n: hashlib.sha256(d).hexdigest()
+                                       for s in self.shards.values() for n, d in s.data.items()}
+        records = records and isinstance(self.metadata["ders.shards"], list)
+        by_file = {r["file"]: r for r in self.metadata["ders.shards"]} if records else {}
+        for file in self.shards:
+            raw = self.shard_bytes(file)
+            (folder / file).write_bytes(raw)
+            if records and file in by_file:
+                start = 8 + len(HEADER_PREFIX)
+                by_file[file]["size"] = len(raw)
+                by_file[file]["header_sha256"] = raw[start : start + HASH_HEX_LEN].decode()
+        meta = {k: v for k, v in self.metadata.items() if k != "ders.index_sha256"}
+        meta["ders.manifest"] = json.dumps(self.manifest, separators=(",", ":"))
+        doc = {"metadata": {"ders.index_sha256": "0" * HASH_HEX_LEN, **meta},
+               "weight_map": self.weight_map}
+        text = json.dumps(doc, separators=(",", ":"))
+        raw = (text_edit(text) if text_edit else text).encode()
+        if raw.startswith(INDEX_PREFIX):
+            start = len(INDEX_PREFIX)
+            raw = raw[:start] + index_hash(raw).encode() + raw[start + HASH_HEX_LEN :]
+        (folder / self.index_name).write_bytes(raw)
+        return folder / self.index_name

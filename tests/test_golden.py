@@ -17,7 +17,7 @@ import zstandard
 import ders_cli as ders
 from ders_cli.archive import header_hash
 from ders_cli.constants import HEADER_PREFIX
-from fixtures.make_golden import ARCHIVES, GOLDEN, READER_VECTORS, TINY, spec_of
+from fixtures.make_golden import ARCHIVES, GOLDEN, READER_VECTORS, SHARDED, TINY, spec_of
 
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 
@@ -44,6 +44,28 @@ def test_writer_reproduces_the_committed_archive(tmp_path, name):
     assert sha(tmp_path / name) == EXPECTED[name]["archive_sha256"]
 
 
+@pytest.mark.parametrize("folder", sorted(SHARDED))
+def test_committed_sharded_archive_expands_to_the_recorded_bytes(tmp_path, folder):
+    want = EXPECTED[folder]
+    assert {p.name: sha(p) for p in sorted((GOLDEN / folder).iterdir())} == want["files_sha256"]
+    assert len(want["files_sha256"]) == 4  # the index and three shards
+    expanded = ders.expand(GOLDEN / folder, tmp_path / "x").folder
+    got = {p.name: sha(p) for p in sorted(expanded.iterdir())}
+    name = SHARDED[folder][0]
+    assert got == want["expanded_sha256"] == EXPECTED[name]["expanded_sha256"]
+    assert ders.verify(GOLDEN / folder, against=TINY).ok
+
+
+@pytest.mark.parametrize("folder", sorted(SHARDED))
+def test_writer_reproduces_the_committed_sharded_archive(tmp_path, folder):
+    want = EXPECTED[folder]
+    if want["zstd"] != ".".join(map(str, zstandard.ZSTD_VERSION)):
+        pytest.skip(f"{folder} was written with zstd {want['zstd']}")
+    name, limit = SHARDED[folder]
+    ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0, max_shard_size=limit)
+    assert {p.name: sha(p) for p in sorted(tmp_path.iterdir())} == want["files_sha256"]
+
+
 def test_header_hash_of_a_committed_archive():
     raw = (GOLDEN / "tiny-q3.ders").read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
@@ -65,3 +87,13 @@ def test_passthrough_tensors_of_the_tiny_model_survive_bit_exact(tmp_path):
 def test_the_lossless_archive_expands_to_the_tiny_checkpoint_itself():
     expanded = EXPECTED["tiny-lossless.ders"]["expanded_sha256"]
     assert expanded == {p.name: sha(p) for p in sorted(TINY.iterdir())}
+
+
+def test_index_hash_of_the_committed_sharded_archive():
+    from ders_cli.archive import index_hash
+    from ders_cli.constants import INDEX_PREFIX
+
+    raw = (GOLDEN / "sharded" / "tiny-q3.ders.safetensors.index.json").read_bytes()
+    assert raw.startswith(INDEX_PREFIX) and len(INDEX_PREFIX) == 34
+    recorded = raw[len(INDEX_PREFIX) : len(INDEX_PREFIX) + 64].decode()
+    assert index_hash(raw) == recorded

@@ -22,6 +22,7 @@ from .options import (
     GroupSizeOpt,
     JsonOpt,
     Mask,
+    MaxShardSizeOpt,
     Method,
     MethodOpt,
     ModelArg,
@@ -95,6 +96,7 @@ def compress_cmd(
     no_shared: NoSharedOpt = False,
     all_groups: AllGroupsOpt = False,
     device: DeviceOpt = "auto",
+    max_shard_size: MaxShardSizeOpt = "5GB",
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -123,7 +125,8 @@ def compress_cmd(
                              sparse=dict(seed=seed, mask=mask.value, rescale=rescale and
                                          rescale.value, value_bits=bits, value_group=group_size))
     _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
-         use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force)
+         use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force,
+         max_shard_size=max_shard_size)
 
 
 def quantize_cmd(
@@ -138,6 +141,7 @@ def quantize_cmd(
     no_shared: NoSharedOpt = False,
     all_groups: AllGroupsOpt = False,
     device: DeviceOpt = "auto",
+    max_shard_size: MaxShardSizeOpt = "5GB",
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -150,7 +154,7 @@ def quantize_cmd(
 
     _run(model, QuantSpec(bits, group_size, method.value), out_path, json, quiet, base=base,
          threshold=threshold, use_shared=not no_shared, all_groups=all_groups, device=device,
-         overwrite=force)
+         overwrite=force, max_shard_size=max_shard_size)
 
 
 def compress_spec(drop: float | None, lossless: bool, target_size: str | None,

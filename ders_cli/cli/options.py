@@ -69,6 +69,11 @@ MethodOpt = Annotated[Method, typer.Option(
 DeviceOpt = Annotated[str, typer.Option(
     "--device", metavar="DEVICE", help="Where the codec arithmetic runs: auto (a CUDA GPU "
                                        "when there is one), cpu, cuda, cuda:N.")]
+MaxShardSizeOpt = Annotated[str, typer.Option(
+    "--max-shard-size", metavar="SIZE",
+    help="Split an archive larger than this into shards and an index, as transformers' "
+         "save_pretrained does (bytes, or 500MB, 5GB, 2GiB); an archive that fits is one "
+         "file.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 
