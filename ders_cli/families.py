@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 ROLES = ("gate", "up", "down")  # an FFN's projections; two-matrix FFNs have no gate
 
@@ -152,6 +153,7 @@ class Family:
         return None
 
 
+@lru_cache(maxsize=4096)  # names are matched against every family, for every tensor
 def _template(template: str, **fixed: str) -> re.Pattern:
     """A name template as a regular expression: ``{L}`` and ``{E}`` match integers (groups L
     and E), ``{prefix}`` anything (group prefix), the ``fixed`` placeholders their values."""
