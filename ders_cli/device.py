@@ -20,13 +20,14 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     try:
         device = torch.device(str(spec))
     except RuntimeError:
-        raise UsageError(f"--device {spec!r} is not a device torch knows") from None
+        raise UsageError(f"device {spec!r} is not a device torch knows", param="device") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: no CUDA device is available") from None
+            raise UsageError(f"device {spec}: no CUDA device is available",
+                             param="device") from None
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: there are {torch.cuda.device_count()} CUDA "
-                             "devices") from None
+            raise UsageError(f"device {spec}: there are {torch.cuda.device_count()} CUDA "
+                             "devices", param="device") from None
     elif device.type != "cpu":
-        raise UsageError(f"--device {spec}: only cpu and cuda are supported")
+        raise UsageError(f"device {spec}: only cpu and cuda are supported", param="device")
     return device

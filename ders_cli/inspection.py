@@ -85,7 +85,7 @@ def inspect_model(model: str | Path, *, base: str | Path = "mean",
                   reporter: Reporter | None = None) -> InspectReport:
     """Measure every expert group of ``model`` against its base (mean, or a dense checkpoint)."""
     if not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
+        raise UsageError(f"threshold must be in [0, 1], got {threshold}", param="threshold")
     reporter = reporter or Silent()
     ckpt = open_checkpoint(model)
     found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)

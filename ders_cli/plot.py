@@ -27,7 +27,7 @@ def plot_similarity(report: InspectReport, path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'ders[plot]'") from None
+        raise UsageError("plot needs matplotlib: pip install 'ders[plot]'", param="plot") from None
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError("output folder does not exist", path.parent)

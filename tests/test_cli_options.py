@@ -77,6 +77,21 @@ def test_library_errors_name_the_flag(model, tmp_path):
             "--drop must be in [0, 1), got 1.5")
     refused(run("quantize", model, "--bits", "5", "-o", tmp_path / "a.ders"),
             "--bits must be one of 1, 2, 3, 4, 8, got 5")
+    refused(run("inspect", model, "--threshold", "2"), "--threshold must be in [0, 1], got 2.0")
+    refused(run("compress", model, "--drop", "0.5", "--device", "tpu:0", "-o", tmp_path / "a"),
+            "--device 'tpu:0' is not a device torch knows")
+    refused(run("upcycle", tmp_path / "dense", "-o", tmp_path / "a.ders", "--top-k", "9"),
+            "--top-k must be in [1, 4], got 9")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_errors_speak_of_parameters(model):
+    import ders_cli as ders
+
+    with pytest.raises(ders.UsageError) as e:
+        ders.inspect_model(model, threshold=2)
+    assert e.value.param == "threshold"
+    assert str(e.value) == "threshold must be in [0, 1], got 2"
 
 
 def test_choices_are_the_librarys():

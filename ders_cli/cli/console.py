@@ -71,13 +71,30 @@ def print_json(doc: object) -> None:
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 
+# Library parameters whose flag is not "--" and the name with dashes.
+_FLAGS = {"value_bits": "--bits", "value_group": "--group-size"}
+
+
+def flag_of(param: str) -> str:
+    return _FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_message(exc: DersError) -> str:
+    """An error as the CLI says it: a message about a library parameter names its flag."""
+    text = str(exc)
+    param = getattr(exc, "param", None)
+    if param and exc.path is None and text.startswith(param):
+        return flag_of(param) + text[len(param):]
+    return text
+
+
 @contextmanager
 def reported() -> Iterator[None]:
     """Turn a DersError into its one line on stderr and its exit code; never a traceback."""
     try:
         yield
     except DersError as exc:
-        err.print(f"[bold red]ders:[/] {escape(str(exc))}", markup=True, soft_wrap=True)
+        err.print(f"[bold red]ders:[/] {escape(cli_message(exc))}", markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 

@@ -54,19 +54,21 @@ class UpcycleSpec:
 
     def check(self) -> None:
         if self.mode not in MODES:
-            raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}",
+                             param="mode")
         if self.experts < 2:
-            raise UsageError(f"--experts must be at least 2, got {self.experts}")
+            raise UsageError(f"experts must be at least 2, got {self.experts}", param="experts")
         if not 1 <= self.top_k <= self.experts:
-            raise UsageError(f"--top-k must be in [1, {self.experts}], got {self.top_k}")
+            raise UsageError(f"top_k must be in [1, {self.experts}], got {self.top_k}",
+                             param="top_k")
         if self.mode == "sparse" and not 0.0 <= self.rate < 1.0:
-            raise UsageError(f"--rate must be in [0, 1), got {self.rate}")
+            raise UsageError(f"rate must be in [0, 1), got {self.rate}", param="rate")
         if self.mode == "lowrank" and self.rank < 1:
-            raise UsageError(f"--rank must be at least 1, got {self.rank}")
+            raise UsageError(f"rank must be at least 1, got {self.rank}", param="rank")
         if self.every < 1:
-            raise UsageError(f"--every must be at least 1, got {self.every}")
+            raise UsageError(f"every must be at least 1, got {self.every}", param="every")
         if not 0 <= self.seed < 2**63:
-            raise UsageError(f"--seed must be in [0, 2^63), got {self.seed}")
+            raise UsageError(f"seed must be in [0, 2^63), got {self.seed}", param="seed")
         if self.aux_loss_coef < 0:
             raise UsageError(f"the router loss coefficient must be >= 0, got {self.aux_loss_coef}")
 
