@@ -34,6 +34,7 @@ from .errors import InputError, UsageError
 from .expand import group_arrays
 from .families import ROLES
 from .hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
+from .hf.side_files import attach, read_side_files
 from .hf.skeleton import assign, empty_model, tie_and_check
 from .records import GroupRecord
 from .safetensors_io import TORCH_DTYPES
@@ -59,6 +60,21 @@ class StoredProjection(nn.Module):
         for k, v in arrays.items():
             self.register_buffer(f"arr_{k}", v)
         self._positions: dict[int, torch.Tensor] = {}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> StoredProjection:
+        # The stored tensors follow the model to another device but keep their dtype: their
+        # bits are what synthesis decodes (``.float()`` on a lossless base breaks the residuals
+        # taken against its bf16 bits; ``.half()`` overflows). ``.to(dtype)`` of the model
+        # changes the compute dtype instead, which follows the input.
+        stored = dict(self._buffers)
+        self._buffers.clear()
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for k, t in stored.items():
+                device = fn(torch.empty(0, dtype=t.dtype, device=t.device)).device
+                self._buffers[k] = t if device == t.device else t.to(device)
+        return self
 
     def rows(self, member: int) -> dict[str, torch.Tensor]:
         arrays = {k: getattr(self, f"arr_{k}") for k in self.suffixes}
@@ -132,12 +148,20 @@ class ArchiveExperts(nn.Module):
         self.cache_experts = cache_experts
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, H], down [H, I]) of expert e, synthesized or from the cache."""
-        if e in self._cache:
+    def _apply(self, fn: Any, recurse: bool = True) -> ArchiveExperts:
+        self._cache.clear()  # cached weights are on the old device, in the old compute dtype
+        return super()._apply(fn, recurse)
+
+    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, H], down [H, I]) of expert e in the compute ``dtype``: synthesized in
+        the archive's dtype (the bytes ``expand`` writes), then cast, as transformers casts a
+        checkpoint loaded in another dtype; or from the cache."""
+        cached = self._cache.get(e)
+        if cached is not None and cached[0].dtype == dtype:
             self._cache.move_to_end(e)
-            return self._cache[e]
-        w = (torch.cat([self.gate.weight(e), self.up.weight(e)]), self.down.weight(e))
+            return cached
+        w = (torch.cat([self.gate.weight(e), self.up.weight(e)]).to(dtype),
+             self.down.weight(e).to(dtype))
         if self.cache_experts > 0:
             self._cache[e] = w
             while len(self._cache) > self.cache_experts:
@@ -147,13 +171,13 @@ class ArchiveExperts(nn.Module):
     def member_forward(self, x: torch.Tensor, m: int) -> torch.Tensor:
         """One member (the shared FFN of a group is member N) on all of ``x``."""
         if self.mode == "synthesize":
-            gate_up, down = self.expert_weights(m)
+            gate_up, down = self.expert_weights(m, x.dtype)
             gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
             return F.linear(self.act_fn(gate) * up, down)
-        g = F.linear(x, self.gate.base) + self.gate.apply_delta(x, m)
-        u = F.linear(x, self.up.base) + self.up.apply_delta(x, m)
+        g = F.linear(x, self.gate.base.to(x.dtype)) + self.gate.apply_delta(x, m)
+        u = F.linear(x, self.up.base.to(x.dtype)) + self.up.apply_delta(x, m)
         h = self.act_fn(g) * u
-        return F.linear(h, self.down.base) + self.down.apply_delta(h, m)
+        return F.linear(h, self.down.base.to(h.dtype)) + self.down.apply_delta(h, m)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -169,7 +193,7 @@ class ArchiveExperts(nn.Module):
             if e == self.num_experts:
                 continue
             pos, token_idx = torch.where(mask[e])
-            gate_up, down = self.expert_weights(e)
+            gate_up, down = self.expert_weights(e, hidden_states.dtype)
             gate, up = F.linear(hidden_states[token_idx], gate_up).chunk(2, dim=-1)
             out = F.linear(self.act_fn(gate) * up, down)
             out = out * top_k_weights[token_idx, pos, None]
@@ -178,8 +202,8 @@ class ArchiveExperts(nn.Module):
 
     def _factored(self, x: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:
-        g_base = F.linear(x, self.gate.base)
-        u_base = F.linear(x, self.up.base)
+        g_base = F.linear(x, self.gate.base.to(x.dtype))
+        u_base = F.linear(x, self.up.base.to(x.dtype))
         h_sum = x.new_zeros(x.shape[0], g_base.shape[1])
         y_delta = torch.zeros_like(x)
         for e in torch.unique(top_k_index).tolist():
@@ -193,7 +217,7 @@ class ArchiveExperts(nn.Module):
             w = top_k_weights[token_idx, pos, None]
             h_sum.index_add_(0, token_idx, (h * w).to(h_sum.dtype))
             y_delta.index_add_(0, token_idx, (self.down.apply_delta(h, e) * w).to(x.dtype))
-        return F.linear(h_sum, self.down.base) + y_delta
+        return F.linear(h_sum, self.down.base.to(x.dtype)) + y_delta
 
 
 class ArchiveSharedExpert(nn.Module):
@@ -209,9 +233,15 @@ class ArchiveSharedExpert(nn.Module):
 
 
 def load_from_archive(archive: str | Path, *, mode: str = "synthesize", device: str = "cpu",
-                      cache_experts: int = 0) -> nn.Module:
+                      dtype: torch.dtype | str | None = None, cache_experts: int = 0
+                      ) -> nn.Module:
     """A transformers causal LM whose experts stay compressed (see the module docstring).
 
+    ``dtype``: the compute dtype (a torch dtype or its name; default the experts' dtype in the
+    archive). The tensors outside the experts are cast to it; the experts stay stored as the
+    archive has them, are synthesized in their own dtype and computed in ``dtype``, so the
+    model equals the expanded checkpoint loaded with ``dtype=``. ``model.to(dtype)`` later
+    changes the compute dtype the same way.
     ``cache_experts``: in ``synthesize`` mode, keep the weights of this many recently used
     experts per layer (0: synthesize at every use, the least memory).
     """
@@ -219,14 +249,25 @@ def load_from_archive(archive: str | Path, *, mode: str = "synthesize", device: 
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     with ArchiveReader(archive) as reader:
         am = open_archive_model(reader)
-        dtype = _dtype(am)
+        dtype = _torch_dtype(dtype) if dtype is not None else _dtype(am)
         model = empty_model(am.config, dtype)
-        assign(model, am.tensors(), trainable=False)
+        assign(model, {n: t.to(dtype) if t.is_floating_point() else t
+                       for n, t in am.tensors().items()}, trainable=False)
         for layer in am.layers:
-            _install(am, model, layer, mode, cache_experts)
+            _install(am, model, layer, mode, cache_experts, dtype)
         tie_and_check(model)
+        attach(model, read_side_files(reader))
     model.eval()
     return model.to(device)
+
+
+def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    found = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise UsageError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    return found
 
 
 def _dtype(am: ArchiveModel) -> torch.dtype:
@@ -237,7 +278,8 @@ def _dtype(am: ArchiveModel) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _install(am: ArchiveModel, model: nn.Module, layer: int, mode: str, cache: int) -> None:
+def _install(am: ArchiveModel, model: nn.Module, layer: int, mode: str, cache: int,
+             dtype: torch.dtype) -> None:
     block = model.model.layers[layer].mlp
     slots: dict[str, ExpertSlot] = {r: am.slots.get((layer, r)) for r in ROLES}
     r = am.reader
@@ -261,8 +303,8 @@ def _install(am: ArchiveModel, model: nn.Module, layer: int, mode: str, cache: i
     n = len(weights["gate"])
     assign(block.experts, {
         "gate_up_proj": torch.stack([torch.cat([weights["gate"][e], weights["up"][e]])
-                                     for e in range(n)]),
-        "down_proj": torch.stack(weights["down"])}, trainable=False)
+                                     for e in range(n)]).to(dtype),
+        "down_proj": torch.stack(weights["down"]).to(dtype)}, trainable=False)
 
 
 def _members(am: ArchiveModel, slot: ExpertSlot | None) -> list[torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ders_cli import QuantSpec, SparseSpec, compress, expand
+from ders_cli import LosslessSpec, QuantSpec, SparseSpec, compress, expand
 from ders_cli.errors import UsageError
 from ders_cli.runtime import ArchiveExperts, load_from_archive, resident_bytes
 from ders_cli.training import upcycle_model
@@ -94,3 +94,60 @@ def test_archives_of_ders_compress_run_too(compressed, name):
 def test_unknown_mode_is_a_usage_error(ders_archive):
     with pytest.raises(UsageError, match="mode"):
         load_from_archive(ders_archive / "m.ders", mode="fast")
+
+
+@pytest.fixture(scope="module")
+def lossless(tmp_path_factory):
+    """A bf16 Mixtral fixture and its lossless archive: synthesis gives every expert's bits."""
+    tmp = tmp_path_factory.mktemp("lossless")
+    model = make_upcycled(tmp / "mixtral", Dims(vocab=128), family="mixtral")
+    compress(model, LosslessSpec(), tmp / "l.ders")
+    return model, tmp / "l.ders"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_change_of_dtype_changes_the_compute_dtype_not_the_stored_experts(lossless, dtype):
+    # .float() used to cast the stored base of a lossless archive, whose residuals are taken
+    # against its bf16 bits: a relative error of 1e-3 in f32, NaN logits in f16.
+    from transformers import AutoModelForCausalLM
+
+    model, archive = lossless
+    moved = load_from_archive(archive).to(dtype)
+    ref = AutoModelForCausalLM.from_pretrained(model, experts_implementation="eager").eval()
+    assert torch.equal(_logits(moved), _logits(ref.to(dtype)))
+    assert torch.equal(_logits(load_from_archive(archive, dtype=dtype)),
+                       _logits(_eager_in(model, dtype)))
+    for module in moved.modules():
+        if isinstance(module, ArchiveExperts):
+            assert module.gate.base.dtype == torch.bfloat16  # as stored
+
+
+def test_dtype_names_and_bad_dtypes(lossless):
+    _, archive = lossless
+    assert load_from_archive(archive, dtype="float32").dtype == torch.float32
+    with pytest.raises(UsageError, match="dtype"):
+        load_from_archive(archive, dtype="int8")
+
+
+def test_loading_leaves_transformers_logging_as_the_user_set_it(lossless):
+    # ders used to set transformers' verbosity to "error" for the whole process, hiding the
+    # missing-keys report of every later from_pretrained.
+    from transformers.utils import logging
+
+    _, archive = lossless
+    before = logging.get_verbosity()
+    logging.set_verbosity_info()
+    logging.enable_progress_bar()
+    try:
+        load_from_archive(archive)
+        assert logging.get_verbosity() == logging.INFO
+        assert logging.is_progress_bar_enabled()
+    finally:
+        logging.set_verbosity(before)
+
+
+def _eager_in(path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager",
+                                                dtype=dtype).eval()

@@ -153,3 +153,27 @@ def test_ders_upcycle_bad_options_exit_2_with_one_line(tmp_path, args, message):
 def test_ders_upcycle_of_a_missing_folder(tmp_path):
     res = runner.invoke(app, ["upcycle", str(tmp_path / "nope"), "-o", str(tmp_path / "o.ders")])
     assert res.exit_code == 2 and "no config.json" in res.output
+
+
+def test_the_tokenizer_of_an_upcycled_archive_survives_training_and_save_archive(tmp_path):
+    # The documented loop: ders upcycle, load_trainable, train, save_archive. Every side file
+    # of the archive (tokenizer, chat template...) must reach the trained archive.
+    from ders_cli import UpcycleSpec, upcycle_checkpoint
+
+    dense = save_tiny_dense(tmp_path / "dense", "mistral")
+    (dense / "tokenizer.json").write_text('{"version": "1.0", "model": {}}\n')
+    upcycle_checkpoint(dense, tmp_path / "init.ders", UpcycleSpec(mode="lowrank", rank=2))
+    model = load_trainable(tmp_path / "init.ders")
+    model.generation_config.max_length = 77  # the model's own state wins over the archive's
+    save_archive(model, tmp_path / "trained.ders")
+    expand(tmp_path / "trained.ders", tmp_path / "out")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (dense / name).read_bytes()
+    gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert gen["max_length"] == 77
+    # A side file given to save_archive replaces the archive's own.
+    mine = tmp_path / "tokenizer_config.json"
+    mine.write_text('{"model_max_length": 64}\n')
+    save_archive(model, tmp_path / "again.ders", side_files=[mine])
+    expand(tmp_path / "again.ders", tmp_path / "again")
+    assert (tmp_path / "again" / "tokenizer_config.json").read_bytes() == mine.read_bytes()

@@ -35,11 +35,23 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def quiet_transformers() -> None:
+@contextmanager
+def quiet_transformers(*, errors_only: bool = True) -> Iterator[None]:
+    """Inside, transformers shows no progress bars (and, with ``errors_only``, logs errors only);
+    on the way out the user's settings come back: a library must not silence transformers for
+    the whole process, where its reports (missing keys, ...) are what users rely on."""
     from transformers.utils import logging
 
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
-    logging.set_verbosity_error()
+    if errors_only:
+        logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def config_from_dict(doc: Mapping[str, Any]):
@@ -58,8 +70,7 @@ def empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
     """A causal LM of ``config``'s class with its parameters on meta, to be filled in."""
     from transformers import AutoModelForCausalLM
 
-    quiet_transformers()
-    with parameters_on_meta():
+    with quiet_transformers(), parameters_on_meta():
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 

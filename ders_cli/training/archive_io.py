@@ -28,6 +28,7 @@ from ..errors import InputError, UsageError
 from ..expand import group_arrays
 from ..families import ROLES, for_model_type
 from ..hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
+from ..hf.side_files import attach, carried, read_side_files, write_side_files
 from ..hf.skeleton import (
     assign,
     empty_model,
@@ -49,7 +50,9 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
                  ) -> CompressResult:
     """Write a DeRS model (from ``upcycle_model`` or ``load_trainable``) to a .ders archive.
 
-    ``side_files`` (tokenizer files, a README...) are stored too, and restored by ``expand``.
+    ``side_files`` (tokenizer files, a README...) are stored too, and restored by ``expand``;
+    a model from ``load_trainable`` also keeps the side files of its archive (a file of the
+    same name in ``side_files`` replaces one of those).
     """
     out = Path(out)
     layout = for_model_type(model.config.model_type)
@@ -73,8 +76,11 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
             given.append(GivenEncoding(group, base, codec, params, arrays))
     parent = out.parent if str(out.parent) else Path(".")
     with tempfile.TemporaryDirectory(prefix=".ders-save-", dir=parent) as tmp:
-        with vanilla_view(model, blocks):
+        with vanilla_view(model, blocks), quiet_transformers():  # an inner step, not the user's
             model.save_pretrained(tmp)
+        given_names = {Path(f).name for f in side_files}
+        write_side_files({p: data for p, data in carried(model).items()
+                          if p not in given_names}, Path(tmp))
         for f in side_files:
             shutil.copy2(f, Path(tmp) / Path(f).name)
         return compress(tmp, None, out, given=given, overwrite=overwrite, reporter=reporter)
@@ -134,6 +140,7 @@ def load_trainable(archive: str | Path, *, dtype: torch.dtype | None = None) -> 
         for layer in am.layers:
             _load_block(am, model, layer, dtype)
         tie_and_check(model)
+        attach(model, read_side_files(reader))
     return model
 
 
@@ -187,10 +194,11 @@ def upcycle_checkpoint(dense: str | Path, out: str | Path, spec: UpcycleSpec, *,
         raise InputError("not a transformers model folder (no config.json)", dense)
     out = Path(out)
     check_new_output(out, overwrite)
-    quiet_transformers()
-
     try:
-        model = AutoModelForCausalLM.from_pretrained(dense, dtype="auto")
+        # Its loading report (missing or unexpected weights) stays visible: it is the user's
+        # only sign of a dense checkpoint that does not fit its config.
+        with quiet_transformers(errors_only=False):
+            model = AutoModelForCausalLM.from_pretrained(dense, dtype="auto")
     except (OSError, ValueError) as exc:
         raise InputError(f"transformers cannot load it: {exc}", dense) from None
     moe = upcycle_model(model, spec)
