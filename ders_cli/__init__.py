@@ -39,6 +39,7 @@ from .errors import (
     UsageError,
     VerificationFailed,
 )
+from .hf.quantizer import register_on_import as _register_on_import
 
 if TYPE_CHECKING:
     from .compress import CompressResult
@@ -84,6 +85,10 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+# AutoModelForCausalLM.from_pretrained of a ders folder: registered with transformers as soon as
+# transformers loads its quantizer registry (now, if it already has).
+_register_on_import()
 
 
 def quantize(model, bits: int, out=None, *, group_size: int = 128, **kwargs) -> CompressResult:

@@ -16,6 +16,8 @@ Two ways to compute an expert (``mode``):
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from .errors import InputError, UsageError
 from .expand import group_arrays
 from .families import ROLES
 from .hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
+from .hf.saving import use_ders_folders
 from .hf.side_files import attach, read_side_files
 from .hf.skeleton import assign, empty_model, tie_and_check
 from .records import GroupRecord
@@ -52,6 +55,7 @@ class StoredProjection(nn.Module):
                  ) -> None:
         super().__init__()
         self.codec = group.codec["name"]
+        self.num_members = len(group.members)
         self.params = group.codec["params"]
         self.dtype_name = group.dtype
         self.shape = tuple(group.shape)
@@ -116,6 +120,20 @@ class StoredProjection(nn.Module):
             return self.weight(member).reshape(-1).to(cd) - self.base.reshape(-1).to(cd)
         return densify(decoded, self.base.numel()).to(self.base.device)
 
+    @property
+    def members(self) -> int:
+        return self.num_members
+
+    def encoding(self) -> tuple[str, dict, dict[str, torch.Tensor]]:
+        """(codec name, params, arrays) as the archive stores them, for a writer."""
+        return self.codec, self.params, {k: getattr(self, f"arr_{k}").cpu()
+                                         for k in self.suffixes}
+
+    @torch.no_grad()
+    def synthesized(self) -> list[torch.Tensor]:
+        """Every member's weight exactly as the archive synthesizes it, on the CPU."""
+        return [self.weight(m).cpu() for m in range(self.members)]
+
     def weight(self, member: int) -> torch.Tensor:
         """W_member, the bytes ``expand`` writes (the archive's own synthesis)."""
         return synthesize(self.base, self.codec, self.params, self.rows(member), member,
@@ -139,14 +157,20 @@ class ArchiveExperts(nn.Module):
     """Stands in for a transformers experts module (same call) with stored projections."""
 
     def __init__(self, projections: dict[str, StoredProjection], num_experts: int,
-                 act_fn: Any, mode: str, cache_experts: int = 0) -> None:
+                 act_fn: Any, mode: str, cache_experts: int = 0,
+                 vanilla_cls: type[nn.Module] | None = None) -> None:
         super().__init__()
         self.gate, self.up, self.down = (projections[r] for r in ROLES)
         self.num_experts = num_experts
         self.act_fn = act_fn
+        self.vanilla_cls = vanilla_cls  # the transformers module this one stands in for
         self.mode = mode
         self.cache_experts = cache_experts
         self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def projections(self) -> dict[str, StoredProjection]:
+        return {"gate": self.gate, "up": self.up, "down": self.down}
 
     def _apply(self, fn: Any, recurse: bool = True) -> ArchiveExperts:
         self._cache.clear()  # cached weights are on the old device, in the old compute dtype
@@ -223,9 +247,11 @@ class ArchiveExperts(nn.Module):
 class ArchiveSharedExpert(nn.Module):
     """A block's always-on FFN kept in its experts' groups (member N)."""
 
-    def __init__(self, experts: ArchiveExperts) -> None:
+    def __init__(self, experts: ArchiveExperts, vanilla_cls: type[nn.Module] | None = None
+                 ) -> None:
         super().__init__()
         self._experts = [experts]  # registered once, under the experts
+        self.vanilla_cls = vanilla_cls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         experts = self._experts[0]
@@ -253,10 +279,11 @@ def load_from_archive(archive: str | Path, *, mode: str = "synthesize", device: 
         model = empty_model(am.config, dtype)
         assign(model, {n: t.to(dtype) if t.is_floating_point() else t
                        for n, t in am.tensors().items()}, trainable=False)
-        for layer in am.layers:
-            _install(am, model, layer, mode, cache_experts, dtype)
+        install_experts(am, model, dtype=dtype, mode=mode, cache_experts=cache_experts,
+                        layers=am.layers)
         tie_and_check(model)
         attach(model, read_side_files(reader))
+    use_ders_folders(model)
     model.eval()
     return model.to(device)
 
@@ -278,22 +305,64 @@ def _dtype(am: ArchiveModel) -> torch.dtype:
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _install(am: ArchiveModel, model: nn.Module, layer: int, mode: str, cache: int,
-             dtype: torch.dtype) -> None:
-    block = model.model.layers[layer].mlp
+@dataclass(frozen=True)
+class LayerPlan:
+    """How a layer's experts come out of an archive."""
+
+    grouped: bool  # every projection is a group: the layer computes from base plus deltas
+    shared: bool  # the groups hold the block's always-on FFN too (member N)
+    loose: tuple[str, ...]  # in a partly grouped layer, the expert tensors stored as they are
+    nbytes: int  # what its groups store
+
+
+def plan_layers(am: ArchiveModel) -> dict[int, LayerPlan]:
+    """Every layer with an expert group, and how its experts are built."""
+    plans = {}
+    for layer in am.layers:
+        slots = [am.slots.get((layer, r)) for r in ROLES]
+        groups = [s.group for s in slots if s is not None and s.group is not None]
+        if not groups:
+            continue  # experts stored as they are: the layer loads as transformers has it
+        grouped = all(s is not None and s.group is not None and not s.loose for s in slots)
+        names = [] if grouped else [am.layout.expert_name(layer, e, s.role)
+                                    for s in slots if s is not None for e in sorted(s.loose)]
+        nbytes = sum(am.reader.entry(n).nbytes for g in groups
+                     for n in (g.base["array"], *g.codec["arrays"].values()))
+        plans[layer] = LayerPlan(grouped, any(s.has_shared for s in slots if s is not None),
+                                 tuple(names), nbytes)
+    return plans
+
+
+def install_experts(am: ArchiveModel, model: nn.Module, *, dtype: torch.dtype,
+                    layers: Iterable[int] | None = None, mode: str = "synthesize",
+                    cache_experts: int = 0,
+                    device_of: Callable[[nn.Module], torch.device] | None = None) -> None:
+    """Put the experts of ``layers`` (default: those with groups) into ``model``: modules that
+    compute from the stored groups, or, where a layer mixes groups and experts stored as they
+    are, transformers' own module with every expert synthesized. ``device_of(block)``: where a
+    block's experts go (default the CPU)."""
+    for layer in (plan_layers(am) if layers is None else layers):
+        block = model.model.layers[layer].mlp
+        device = device_of(block) if device_of is not None else torch.device("cpu")
+        _install(am, block, layer, mode, cache_experts, dtype, device)
+
+
+def _install(am: ArchiveModel, block: nn.Module, layer: int, mode: str, cache: int,
+             dtype: torch.dtype, device: torch.device) -> None:
     slots: dict[str, ExpertSlot] = {r: am.slots.get((layer, r)) for r in ROLES}
     r = am.reader
     if all(s is not None and s.group is not None and not s.loose for s in slots.values()):
         projections = {}
         for role, s in slots.items():
-            parts = group_arrays(r, s.group)  # the base decoded, checksums verified
+            parts = group_arrays(r, s.group, device)  # the base decoded, checksums verified
             projections[role] = StoredProjection(s.group, parts.base.reshape(s.group.shape),
                                                  parts.arrays)
         n = len(slots["gate"].group.members) - int(slots["gate"].has_shared)
-        experts = ArchiveExperts(projections, n, block.experts.act_fn, mode, cache)
+        experts = ArchiveExperts(projections, n, block.experts.act_fn, mode, cache,
+                                 type(block.experts))
         block.experts = experts
         if slots["gate"].has_shared:
-            block.shared_expert = ArchiveSharedExpert(experts)
+            block.shared_expert = ArchiveSharedExpert(experts, type(block.shared_expert))
         return
     # A projection of this layer is stored as it is: build the layer as transformers has it.
     if any(s is not None and s.has_shared for s in slots.values()):
@@ -303,8 +372,8 @@ def _install(am: ArchiveModel, model: nn.Module, layer: int, mode: str, cache: i
     n = len(weights["gate"])
     assign(block.experts, {
         "gate_up_proj": torch.stack([torch.cat([weights["gate"][e], weights["up"][e]])
-                                     for e in range(n)]).to(dtype),
-        "down_proj": torch.stack(weights["down"]).to(dtype)}, trainable=False)
+                                     for e in range(n)]).to(device, dtype),
+        "down_proj": torch.stack(weights["down"]).to(device, dtype)}, trainable=False)
 
 
 def _members(am: ArchiveModel, slot: ExpertSlot | None) -> list[torch.Tensor]:

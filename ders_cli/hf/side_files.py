@@ -35,10 +35,11 @@ def read_side_files(reader: ArchiveReader) -> dict[str, bytes]:
     return out
 
 
-def attach(model: nn.Module, files: dict[str, bytes]) -> None:
-    """Make ``model`` carry an archive's side files, and use its generation config."""
+def attach(model: nn.Module, files: dict[str, bytes], *, generation: bool = True) -> None:
+    """Make ``model`` carry an archive's side files and (with ``generation``) use its
+    generation config."""
     gen = files.get(GENERATION_CONFIG)
-    if gen is not None and getattr(model, "generation_config", None) is not None:
+    if generation and gen is not None and getattr(model, "generation_config", None) is not None:
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_dict(json.loads(gen))

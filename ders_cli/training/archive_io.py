@@ -28,6 +28,7 @@ from ..errors import InputError, UsageError
 from ..expand import group_arrays
 from ..families import ROLES, for_model_type
 from ..hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
+from ..hf.saving import use_ders_folders
 from ..hf.side_files import attach, carried, read_side_files, write_side_files
 from ..hf.skeleton import (
     assign,
@@ -39,6 +40,7 @@ from ..hf.skeleton import (
 from ..outputs import check_new_output
 from ..progress import Reporter
 from ..records import ExpertGroup, Member
+from ..runtime import ArchiveExperts, ArchiveSharedExpert
 from ..safetensors_io import DTYPE_NAMES, TORCH_DTYPES
 from .deltas import LowRankDelta, SparseDelta
 from .experts import DersExperts, DersProjection, DersSharedExpert
@@ -63,7 +65,7 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
     given = []
     for layer, experts in blocks:
         shared = isinstance(getattr(model.model.layers[layer].mlp, "shared_expert", None),
-                            DersSharedExpert)
+                            (DersSharedExpert, ArchiveSharedExpert))
         for role, proj in experts.projections.items():
             names = [layout.expert_name(layer, e, role) for e in range(experts.num_experts)]
             if shared:
@@ -77,7 +79,7 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
     parent = out.parent if str(out.parent) else Path(".")
     with tempfile.TemporaryDirectory(prefix=".ders-save-", dir=parent) as tmp:
         with vanilla_view(model, blocks), quiet_transformers():  # an inner step, not the user's
-            model.save_pretrained(tmp)
+            _save_plain(model, Path(tmp))
         given_names = {Path(f).name for f in side_files}
         write_side_files({p: data for p, data in carried(model).items()
                           if p not in given_names}, Path(tmp))
@@ -86,9 +88,25 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
         return compress(tmp, None, out, given=given, overwrite=overwrite, reporter=reporter)
 
 
-def _ders_blocks(model: nn.Module) -> list[tuple[int, DersExperts]]:
+def _ders_blocks(model: nn.Module) -> list[tuple[int, DersExperts | ArchiveExperts]]:
     return [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers)
-            if isinstance(getattr(layer.mlp, "experts", None), DersExperts)]
+            if isinstance(getattr(layer.mlp, "experts", None), (DersExperts, ArchiveExperts))]
+
+
+def _save_plain(model: nn.Module, folder: Path) -> None:
+    """transformers' own save_pretrained, without ders' (``hf.saving``), its quantizer or its
+    quantization_config: the checkpoint the model stands for, which the archive holds. Also
+    without the weight conversions a from_pretrained of a ders folder recorded (which saw no
+    expert tensors): transformers' defaults name the experts as the family writes them."""
+    held = {k: model.__dict__.pop(k) for k in ("hf_quantizer", "_weight_conversions")
+            if k in model.__dict__}
+    qc = model.config.__dict__.pop("quantization_config", None)
+    try:
+        type(model).save_pretrained(model, folder)
+    finally:
+        model.__dict__.update(held)
+        if qc is not None:
+            model.config.quantization_config = qc
 
 
 @contextmanager
@@ -109,7 +127,7 @@ def vanilla_view(model: nn.Module, blocks: list[tuple[int, DersExperts]]):
             saved.append((block, "experts", experts))
             block.experts = vanilla
             shared = getattr(block, "shared_expert", None)
-            if isinstance(shared, DersSharedExpert):
+            if isinstance(shared, (DersSharedExpert, ArchiveSharedExpert)):
                 with parameters_on_meta():
                     mlp = shared.vanilla_cls(model.config,
                                              intermediate_size=w["gate"][n].shape[0])
@@ -141,6 +159,7 @@ def load_trainable(archive: str | Path, *, dtype: torch.dtype | None = None) -> 
             _load_block(am, model, layer, dtype)
         tie_and_check(model)
         attach(model, read_side_files(reader))
+    use_ders_folders(model)
     return model
 
 

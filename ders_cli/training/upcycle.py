@@ -24,6 +24,7 @@ from torch import nn
 from ..codecs.sparse import keep_count
 from ..errors import UsageError
 from ..families import ROLES
+from ..hf.saving import use_ders_folders
 from ..hf.skeleton import assign, empty_model, tie_and_check
 from .deltas import LowRankDelta, SparseDelta
 from .experts import DersExperts, DersProjection, DersSharedExpert
@@ -151,6 +152,8 @@ def upcycle_model(dense: nn.Module, spec: UpcycleSpec | None = None, **kwargs: A
             ffn = {r: getattr(mlp, f"{r}_proj").weight.data for r in ROLES}
             _upcycle_block(layer.mlp, ffn, spec, i, gen, config)
     tie_and_check(model)
+    if spec.mode != "vanilla":
+        use_ders_folders(model)
     return model.to(next(dense.parameters()).device)  # routers and deltas were made on the CPU
 
 
