@@ -15,6 +15,10 @@ Two ways to compute an expert (``mode``):
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,14 +39,13 @@ from .decompose import synthesize
 from .errors import InputError, UsageError
 from .expand import group_arrays
 from .families import ROLES
-from .hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
-from .hf.saving import use_ders_folders
-from .hf.side_files import attach, read_side_files
-from .hf.skeleton import assign, empty_model, tie_and_check
+from .hf.archive_model import CONFIG_FILE, ArchiveModel, ExpertSlot, open_archive_model
+from .hf.skeleton import assign, quiet_transformers
 from .records import GroupRecord
 from .safetensors_io import TORCH_DTYPES
 
-MODES = ("synthesize", "factored")
+MODES = ("auto", "synthesize", "factored")
+GENERATION_FILE = "generation_config.json"
 # Sparse positions are cached when a member keeps at most 1/64 of its elements (8-byte indices
 # then cost at most 1/8 of the bytes of a full f32 member).
 POSITION_CACHE_RATIO = 64
@@ -153,49 +156,94 @@ class StoredProjection(nn.Module):
         return F.linear(x, self.delta(member).to(x.dtype).view(self.shape))
 
 
+class ExpertCache:
+    """Synthesized experts of a whole model, kept within a byte budget: the least recently used
+    go first. Synthesizing an expert costs 20 to 60 times the matrix-vector products it serves
+    in a decoding step (measured in examples/bench_archive_inference.py), so a cache is what
+    makes generation from compress/quantize archives as fast as from the expanded model."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget  # bytes; None: no limit
+        self.nbytes = 0
+        self._items: OrderedDict[tuple[int, int], tuple[torch.Tensor, ...]] = OrderedDict()
+
+    def get(self, key: tuple[int, int], like: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The entry for ``key`` if it is in ``like``'s dtype and on its device."""
+        hit = self._items.get(key)
+        if hit is None:
+            return None
+        if hit[0].dtype != like.dtype or hit[0].device != like.device:
+            self.drop(key)
+            return None
+        self._items.move_to_end(key)
+        return hit
+
+    def put(self, key: tuple[int, int], value: tuple[torch.Tensor, ...]) -> None:
+        size = sum(t.numel() * t.element_size() for t in value)
+        if self.budget is not None and size > self.budget:
+            return
+        self.drop(key)
+        self._items[key] = value
+        self.nbytes += size
+        while self.budget is not None and self.nbytes > self.budget:
+            self.drop(next(iter(self._items)))
+
+    def drop(self, key: tuple[int, int]) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.nbytes -= sum(t.numel() * t.element_size() for t in old)
+
+    def drop_owner(self, owner: int) -> None:
+        for key in [k for k in self._items if k[0] == owner]:
+            self.drop(key)
+
+
 class ArchiveExperts(nn.Module):
-    """Stands in for a transformers experts module (same call) with stored projections."""
+    """Stands in for a transformers experts module (same call) with stored projections.
+
+    ``mode`` "synthesize": each expert the router selects is synthesized (the bytes ``expand``
+    writes) and kept in ``cache``; "factored": x W_base^T + x δ^T, no W_e formed.
+    """
 
     def __init__(self, projections: dict[str, StoredProjection], num_experts: int,
-                 act_fn: Any, mode: str, cache_experts: int = 0,
+                 act_fn: Any, mode: str, cache: ExpertCache | None = None,
                  vanilla_cls: type[nn.Module] | None = None) -> None:
         super().__init__()
         self.gate, self.up, self.down = (projections[r] for r in ROLES)
         self.num_experts = num_experts
         self.act_fn = act_fn
         self.vanilla_cls = vanilla_cls  # the transformers module this one stands in for
+        if mode == "auto":
+            mode = "factored" if all(p.codec == LowRankCodec.name for p in projections.values()
+                                     ) else "synthesize"
         self.mode = mode
-        self.cache_experts = cache_experts
-        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.cache = cache if cache is not None else ExpertCache(0)
 
     @property
     def projections(self) -> dict[str, StoredProjection]:
         return {"gate": self.gate, "up": self.up, "down": self.down}
 
     def _apply(self, fn: Any, recurse: bool = True) -> ArchiveExperts:
-        self._cache.clear()  # cached weights are on the old device, in the old compute dtype
+        self.cache.drop_owner(id(self))  # on the old device, in the old compute dtype
         return super()._apply(fn, recurse)
 
-    def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, H], down [H, I]) of expert e in the compute ``dtype``: synthesized in
-        the archive's dtype (the bytes ``expand`` writes), then cast, as transformers casts a
+    def expert_weights(self, e: int, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(gate_up [2I, H], down [H, I]) of expert e in ``x``'s dtype: synthesized in the
+        archive's dtype (the bytes ``expand`` writes), then cast, as transformers casts a
         checkpoint loaded in another dtype; or from the cache."""
-        cached = self._cache.get(e)
-        if cached is not None and cached[0].dtype == dtype:
-            self._cache.move_to_end(e)
+        key = (id(self), e)
+        cached = self.cache.get(key, x)
+        if cached is not None:
             return cached
-        w = (torch.cat([self.gate.weight(e), self.up.weight(e)]).to(dtype),
-             self.down.weight(e).to(dtype))
-        if self.cache_experts > 0:
-            self._cache[e] = w
-            while len(self._cache) > self.cache_experts:
-                self._cache.popitem(last=False)
+        w = (torch.cat([self.gate.weight(e), self.up.weight(e)]).to(x.dtype),
+             self.down.weight(e).to(x.dtype))
+        self.cache.put(key, w)
         return w
 
     def member_forward(self, x: torch.Tensor, m: int) -> torch.Tensor:
         """One member (the shared FFN of a group is member N) on all of ``x``."""
         if self.mode == "synthesize":
-            gate_up, down = self.expert_weights(m, x.dtype)
+            gate_up, down = self.expert_weights(m, x)
             gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
             return F.linear(self.act_fn(gate) * up, down)
         g = F.linear(x, self.gate.base.to(x.dtype)) + self.gate.apply_delta(x, m)
@@ -217,7 +265,7 @@ class ArchiveExperts(nn.Module):
             if e == self.num_experts:
                 continue
             pos, token_idx = torch.where(mask[e])
-            gate_up, down = self.expert_weights(e, hidden_states.dtype)
+            gate_up, down = self.expert_weights(e, hidden_states)
             gate, up = F.linear(hidden_states[token_idx], gate_up).chunk(2, dim=-1)
             out = F.linear(self.act_fn(gate) * up, down)
             out = out * top_k_weights[token_idx, pos, None]
@@ -258,34 +306,66 @@ class ArchiveSharedExpert(nn.Module):
         return experts.member_forward(x, experts.num_experts)
 
 
-def load_from_archive(archive: str | Path, *, mode: str = "synthesize", device: str = "cpu",
-                      dtype: torch.dtype | str | None = None, cache_experts: int = 0
-                      ) -> nn.Module:
-    """A transformers causal LM whose experts stay compressed (see the module docstring).
+def load_from_archive(archive: str | Path, *, mode: str = "auto",
+                      dtype: torch.dtype | str | None = None, device_map: Any = None,
+                      device: str | None = None, cache_gb: float | None = None) -> nn.Module:
+    """A transformers causal LM whose experts stay base plus deltas (module docstring): what
+    ``AutoModelForCausalLM.from_pretrained`` gives for a ders folder holding ``archive``.
 
-    ``dtype``: the compute dtype (a torch dtype or its name; default the experts' dtype in the
-    archive). The tensors outside the experts are cast to it; the experts stay stored as the
-    archive has them, are synthesized in their own dtype and computed in ``dtype``, so the
-    model equals the expanded checkpoint loaded with ``dtype=``. ``model.to(dtype)`` later
-    changes the compute dtype the same way.
-    ``cache_experts``: in ``synthesize`` mode, keep the weights of this many recently used
-    experts per layer (0: synthesize at every use, the least memory).
+    ``mode``: "auto" (factored where the deltas are low-rank, synthesize elsewhere),
+    "synthesize" or "factored". ``dtype``: the compute dtype (a torch dtype or its name;
+    default the experts' dtype in the archive): the tensors outside the experts are cast to
+    it, the experts stay as stored, are synthesized in their own dtype and computed in
+    ``dtype``, so that the model equals the expanded checkpoint loaded with ``dtype=``;
+    ``model.to(dtype)`` later changes the compute dtype the same way. ``device_map`` as
+    transformers takes it ("cpu", "cuda", "auto", a dict); ``device`` is short for a device_map
+    of one device. ``cache_gb``: the budget, in GB, of experts kept once synthesized (default:
+    no limit, the speed of the expanded model; 0: synthesize at every use, the least memory).
     """
     if mode not in MODES:
-        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", param="mode")
+    if device is not None and device_map is not None:
+        raise UsageError("give device or device_map, not both", param="device")
+    if cache_gb is not None and not cache_gb >= 0:
+        raise UsageError(f"cache_gb must be >= 0, got {cache_gb}", param="cache_gb")
+    from transformers import AutoModelForCausalLM
+
+    from .hf.quantizer import ARCHIVE_NAME, folder_config, register
+
+    register()
+    archive = Path(archive)
     with ArchiveReader(archive) as reader:
         am = open_archive_model(reader)
-        dtype = _torch_dtype(dtype) if dtype is not None else _dtype(am)
-        model = empty_model(am.config, dtype)
-        assign(model, {n: t.to(dtype) if t.is_floating_point() else t
-                       for n, t in am.tensors().items()}, trainable=False)
-        install_experts(am, model, dtype=dtype, mode=mode, cache_experts=cache_experts,
-                        layers=am.layers)
-        tie_and_check(model)
-        attach(model, read_side_files(reader))
-    use_ders_folders(model)
-    model.eval()
-    return model.to(device)
+        default = _dtype(am)
+        files = {f.path: f for f in reader.manifest.files}
+        config = json.loads(bytes(reader.read_bytes(files[CONFIG_FILE].array)))
+        gen = files.get(GENERATION_FILE)
+        generation = bytes(reader.read_bytes(gen.array)) if gen is not None else None
+    # The folder from_pretrained reads: the archive linked in, its config and generation config.
+    with tempfile.TemporaryDirectory(prefix="ders-load-") as tmp:
+        folder = Path(tmp)
+        _link(archive.resolve(), folder / ARCHIVE_NAME)
+        runtime = {"mode": mode, "cache_gb": cache_gb}
+        (folder / CONFIG_FILE).write_text(json.dumps(folder_config(config, runtime=runtime)))
+        if generation is not None:
+            (folder / GENERATION_FILE).write_bytes(generation)
+        with quiet_transformers(errors_only=False):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=_torch_dtype(dtype) if dtype is not None else default,
+                device_map=device_map if device is None else device)
+    model.config.name_or_path = str(archive)
+    return model.eval()
+
+
+def _link(target: Path, link: Path) -> None:
+    """``link`` names ``target``: a symbolic link, else a hard link, else a copy."""
+    try:
+        link.symlink_to(target)
+    except OSError:
+        try:
+            os.link(target, link)
+        except OSError:
+            shutil.copyfile(target, link)
 
 
 def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -334,20 +414,21 @@ def plan_layers(am: ArchiveModel) -> dict[int, LayerPlan]:
 
 
 def install_experts(am: ArchiveModel, model: nn.Module, *, dtype: torch.dtype,
-                    layers: Iterable[int] | None = None, mode: str = "synthesize",
-                    cache_experts: int = 0,
+                    layers: Iterable[int] | None = None, mode: str = "auto",
+                    cache_gb: float | None = None,
                     device_of: Callable[[nn.Module], torch.device] | None = None) -> None:
     """Put the experts of ``layers`` (default: those with groups) into ``model``: modules that
-    compute from the stored groups, or, where a layer mixes groups and experts stored as they
-    are, transformers' own module with every expert synthesized. ``device_of(block)``: where a
-    block's experts go (default the CPU)."""
+    compute from the stored groups (``mode``, ``cache_gb``: see load_from_archive), or, where a
+    layer mixes groups and experts stored as they are, transformers' own module with every
+    expert synthesized. ``device_of(block)``: where a block's experts go (default the CPU)."""
+    cache = ExpertCache(None if cache_gb is None else int(cache_gb * 1e9))
     for layer in (plan_layers(am) if layers is None else layers):
         block = model.model.layers[layer].mlp
         device = device_of(block) if device_of is not None else torch.device("cpu")
-        _install(am, block, layer, mode, cache_experts, dtype, device)
+        _install(am, block, layer, mode, cache, dtype, device)
 
 
-def _install(am: ArchiveModel, block: nn.Module, layer: int, mode: str, cache: int,
+def _install(am: ArchiveModel, block: nn.Module, layer: int, mode: str, cache: ExpertCache,
              dtype: torch.dtype, device: torch.device) -> None:
     slots: dict[str, ExpertSlot] = {r: am.slots.get((layer, r)) for r in ROLES}
     r = am.reader

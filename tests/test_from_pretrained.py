@@ -72,8 +72,14 @@ def test_from_pretrained_equals_the_expanded_checkpoint(folders, family):
         ref = _auto().from_pretrained(folders / f"{family}-expanded", dtype=dtype,
                                       experts_implementation="eager")
         assert model.dtype == ref.dtype
-        assert any(isinstance(m, ArchiveExperts) for m in model.modules())
-        assert torch.equal(_logits(model), _logits(ref))
+        experts = [m for m in model.modules() if isinstance(m, ArchiveExperts)]
+        out, want = _logits(model), _logits(ref)
+        if family == "qwen2_moe":  # low-rank deltas: x W_base^T + x A B^T, no W_e formed
+            assert {m.mode for m in experts} == {"factored"}
+            assert float((out - want).abs().max()) <= 1e-5 * float(want.abs().max())
+        else:  # synthesized: the expanded model's bytes
+            assert experts and {m.mode for m in experts} == {"synthesize"}
+            assert torch.equal(out, want)
 
 
 def test_nothing_is_reported_missing_or_unexpected(folders):

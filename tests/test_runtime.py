@@ -62,11 +62,12 @@ def compressed(tmp_path_factory):
 
 def test_synthesized_experts_give_the_expanded_models_logits_bit_for_bit(ders_archive):
     ref = _logits(_eager(ders_archive / "vanilla"))
-    model = load_from_archive(ders_archive / "m.ders")
+    model = load_from_archive(ders_archive / "m.ders", mode="synthesize", cache_gb=0)
     assert any(isinstance(m, ArchiveExperts) for m in model.modules())
     assert torch.equal(_logits(model), ref)
-    cached = load_from_archive(ders_archive / "m.ders", cache_experts=2)
+    cached = load_from_archive(ders_archive / "m.ders", mode="synthesize")
     assert torch.equal(_logits(cached), ref)
+    assert torch.equal(_logits(cached), ref)  # from the cache this time
 
 
 def test_factored_experts_equal_the_expanded_model_to_f32_rounding(ders_archive):
@@ -82,13 +83,16 @@ def test_archives_of_ders_compress_run_too(compressed, name):
     tmp = compressed[name]
     expanded = _eager(tmp / f"{name}-expanded")
     ref = _logits(expanded)
-    model = load_from_archive(tmp / f"{name}.ders")
+    model = load_from_archive(tmp / f"{name}.ders")  # auto: synthesized, cached
+    assert all(m.mode == "synthesize" for m in model.modules() if isinstance(m, ArchiveExperts))
     assert torch.equal(_logits(model), ref)
     out = _logits(load_from_archive(tmp / f"{name}.ders", mode="factored"))
     # bf16 model: the factored path skips the bf16 rounding of W_e and sums in another order.
     assert float((out - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
     # Experts stay compressed: the model holds less than the expanded one.
-    assert resident_bytes(model) < 0.7 * resident_bytes(expanded)
+    small = load_from_archive(tmp / f"{name}.ders", cache_gb=0)
+    _logits(small)
+    assert resident_bytes(small) < 0.7 * resident_bytes(expanded)
 
 
 def test_unknown_mode_is_a_usage_error(ders_archive):

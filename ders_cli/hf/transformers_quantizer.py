@@ -121,13 +121,28 @@ class DersHfQuantizer(HfQuantizer):
                     if isinstance(pending, _Pending):
                         setattr(block, name, pending._original[0])
             install_experts(am, model, dtype=model.dtype, layers=self._layers,
-                            device_of=_router_device)
+                            device_of=_router_device, **self._runtime())
             attach(model, read_side_files(reader), generation=False)
             use_ders_folders(model)
         finally:
             reader.close()
             self._reader = self._model = None
         return model
+
+    def _runtime(self) -> dict[str, Any]:
+        """How the experts compute: ``load_from_archive``'s options, which it passes in the
+        quantization_config of the folder it loads (checked: config.json is input)."""
+        from ..runtime import MODES
+
+        runtime = getattr(self.quantization_config, "runtime", None) or {}
+        mode, cache_gb = runtime.get("mode", "auto"), runtime.get("cache_gb")
+        if mode not in MODES:
+            raise ValueError(f"quantization_config runtime mode must be one of "
+                             f"{', '.join(MODES)}, got {mode!r}")
+        if cache_gb is not None and not (isinstance(cache_gb, (int, float)) and cache_gb >= 0):
+            raise ValueError(f"quantization_config runtime cache_gb must be >= 0, got "
+                             f"{cache_gb!r}")
+        return {"mode": mode, "cache_gb": cache_gb}
 
     def is_serializable(self) -> bool:
         # save_pretrained writes a ders folder (ders_cli.hf.saving), never transformers' own
