@@ -213,11 +213,16 @@ class ArchiveExperts(nn.Module):
         self.num_experts = num_experts
         self.act_fn = act_fn
         self.vanilla_cls = vanilla_cls  # the transformers module this one stands in for
-        if mode == "auto":
-            mode = "factored" if all(p.codec == LowRankCodec.name for p in projections.values()
-                                     ) else "synthesize"
-        self.mode = mode
+        self.mode = self.resolve(mode)
         self.cache = cache if cache is not None else ExpertCache(0)
+
+    def resolve(self, mode: str) -> str:
+        """``mode`` with "auto" decided: factored where every projection's deltas are low-rank
+        (two thin products cost less than synthesizing), synthesized elsewhere."""
+        if mode != "auto":
+            return mode
+        low_rank = all(p.codec == LowRankCodec.name for p in self.projections.values())
+        return "factored" if low_rank else "synthesize"
 
     @property
     def projections(self) -> dict[str, StoredProjection]:
@@ -355,6 +360,20 @@ def load_from_archive(archive: str | Path, *, mode: str = "auto",
                 device_map=device_map if device is None else device)
     model.config.name_or_path = str(archive)
     return model.eval()
+
+
+def configure(model: nn.Module, *, mode: str = "auto", cache_gb: float | None = None) -> None:
+    """Change how a loaded model's experts compute (``mode``, ``cache_gb``: see
+    load_from_archive), e.g. after ``from_pretrained`` of a ders folder."""
+    if mode not in MODES:
+        raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", param="mode")
+    if cache_gb is not None and not cache_gb >= 0:
+        raise UsageError(f"cache_gb must be >= 0, got {cache_gb}", param="cache_gb")
+    cache = ExpertCache(None if cache_gb is None else int(cache_gb * 1e9))
+    for module in model.modules():
+        if isinstance(module, ArchiveExperts):
+            module.mode = module.resolve(mode)
+            module.cache = cache
 
 
 def _link(target: Path, link: Path) -> None:

@@ -155,3 +155,19 @@ def _eager_in(path, dtype):
 
     return AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager",
                                                 dtype=dtype).eval()
+
+
+def test_configure_and_a_cache_budget_keep_the_logits(ders_archive):
+    from ders_cli.runtime import configure
+
+    ref = _logits(_eager(ders_archive / "vanilla"))
+    model = load_from_archive(ders_archive / "m.ders")
+    experts = [m for m in model.modules() if isinstance(m, ArchiveExperts)]
+    assert {m.mode for m in experts} == {"factored"}  # auto, for low-rank deltas
+    one = sum(t.numel() * t.element_size() for t in experts[0].expert_weights(0, TOKENS.float()))
+    configure(model, mode="synthesize", cache_gb=1.5 * one / 1e9)  # room for one expert
+    assert torch.equal(_logits(model), ref)
+    cache = experts[0].cache
+    assert 0 < cache.nbytes <= 1.5 * one
+    with pytest.raises(UsageError, match="mode"):
+        configure(model, mode="fast")
