@@ -53,6 +53,7 @@ from .errors import (
     OutputExistsError,
     UsageError,
 )
+from .outputs import create_exclusive, temp_path
 from .profile import stage
 from .records import SHA256, Manifest, path_problem
 from .safetensors_io import (
@@ -78,11 +79,6 @@ def header_hash(prefix: bytes, raw: bytes) -> str:
     start = len(HEADER_PREFIX)
     zeroed = raw[:start] + b"0" * HASH_HEX_LEN + raw[start + HASH_HEX_LEN :]
     return hashlib.sha256(prefix + zeroed).hexdigest()
-
-
-def temp_path(dest: Path) -> Path:
-    """Where an output is built before it is renamed into place: hidden, beside it."""
-    return dest.with_name(f".{dest.name}.partial-{os.getpid()}")
 
 
 class WriterState(Enum):
@@ -147,7 +143,7 @@ class _Part:
     def __init__(self, tmp: Path, reserve: int, metadata: int) -> None:
         self.tmp = tmp
         self.reserve = max(reserve, 64) + (-max(reserve, 64) % 8)
-        self.f = open(tmp, "x+b")  # noqa: SIM115 - closed by write_header/abort
+        self.f = os.fdopen(create_exclusive(tmp), "w+b")  # no link followed; locked
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         self.pos = 0
         self.table = metadata  # the bytes of its header as a shard's, so far
@@ -311,10 +307,10 @@ class ArchiveWriter:
         part = self._parts[0]
         size, _ = part.write_header({META_FORMAT: FORMAT_NAME, META_VERSION: str(manifest.version),
                                      META_MANIFEST: manifest.to_json()})
-        part.close()
         index = index_path(self.dest)
         replaced = self._replaced(index)
         self._place([(part.tmp, self.dest)])
+        part.close()  # after the rename: its lock showed the temporary file in use till then
         self.files = [self.dest]
         if replaced:  # a sharded archive of this name would stay beside the new one-file one
             index.unlink(missing_ok=True)
@@ -332,13 +328,12 @@ class ArchiveWriter:
         for part, file in zip(self._parts, names, strict=True):
             size, digest = part.write_header({META_FORMAT: FORMAT_NAME,
                                               META_VERSION: str(version), META_INDEX: index.name})
-            part.close()
             records.append({"file": file, "size": size, "header_sha256": digest})
             weight_map.update(dict.fromkeys(part.entries, file))
             total += part.pos
         raw = index_bytes(version, records, manifest.to_json(), total, weight_map)
         tmp = temp_path(index)
-        with open(tmp, "xb") as f:
+        with os.fdopen(create_exclusive(tmp), "wb") as f:
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
@@ -350,6 +345,8 @@ class ArchiveWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        for part in self._parts:
+            part.close()
         self.path = index
         self.files = [index, *(dest for _, dest in moves)]
         if self.overwrite:
@@ -388,8 +385,8 @@ class ArchiveWriter:
         if self.state is WriterState.DATA:
             self.state = WriterState.ABORTED
         for part in self._parts:
+            part.tmp.unlink(missing_ok=True)  # while its lock is held: no sweeper races us
             part.close()
-            part.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ArchiveWriter:
         return self

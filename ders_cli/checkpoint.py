@@ -176,6 +176,17 @@ def _check_index(folder: Path, files: list[str]) -> None:
         raise InputError(f"names shard {missing[0]!r}, which is not in the folder", index)
 
 
+def is_model_folder(folder: Path, besides: str) -> bool:
+    """Whether ``folder`` is a model folder (a config.json, or other .safetensors files than
+    ``besides``): then outputs do not belong inside it."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return "config.json" in names or any(n.endswith(".safetensors") and n != besides
+                                         for n in names)
+
+
 def _side_files(root: Path, shard_files: set[str]) -> list[str]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):

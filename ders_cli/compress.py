@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .archive import ArchiveWriter, index_path, parse_size
-from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
+from .checkpoint import Checkpoint, ShardFiles, is_model_folder, open_checkpoint
 from .choose import LADDER, LOSSLESS_FROM, TargetSpec, plan_target
 from .codecs import get_codec
 from .codecs.bases import stored_base
@@ -43,7 +43,7 @@ from .device import resolve_device
 from .errors import InputError, UsageError
 from .grouping import Fetched, LoadedGroup, fetch_group, non_finite, prepare_group
 from .lanes import Lane, compute_threads, release_memory
-from .outputs import check_new_output
+from .outputs import check_new_output, output_path, sweep_leftovers, writing
 from .plan import estimate_header, estimate_table, units
 from .progress import Reporter, Silent
 from .records import (
@@ -97,7 +97,13 @@ class CompressResult:
 
 
 def default_archive_path(ckpt: Checkpoint, model: str | Path) -> Path:
+    """Beside the model, never inside a model folder (where the next compress of the folder
+    would meet it): MODEL.ders beside a folder, FOLDER-FILE.ders beside the folder of one file
+    of a model folder, FILE.ders beside a lone .safetensors file."""
     if ckpt.kind == "file":
+        if is_model_folder(ckpt.root, ckpt.shards[0].file):
+            folder = ckpt.root.resolve()
+            return folder.parent / f"{folder.name}-{ckpt.name}.ders"
         return ckpt.root / f"{ckpt.name}.ders"
     if Path(model).expanduser().exists():
         return ckpt.root.resolve().parent / f"{ckpt.name}.ders"
@@ -144,9 +150,11 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
         why = nothing_to_compress(found)
         if why:  # an archive would be the checkpoint again, a little larger
             raise InputError(f"nothing to compress: {why}; no archive written", model)
-    dest = Path(out) if out is not None else default_archive_path(ckpt, model)
+    shown = Path(out) if out is not None else default_archive_path(ckpt, model)
+    dest = output_path(shown)
     check_new_output(dest, overwrite)
     check_new_output(index_path(dest), overwrite)  # where a sharded archive's index goes
+    leftovers = sweep_leftovers(dest) + sweep_leftovers(index_path(dest))
     matcher = None
     if str(base) != "mean":
         matcher = DenseMatcher(open_checkpoint(base), threshold)
@@ -159,8 +167,10 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     job = _Job(ckpt, found, spec, matcher, threshold, use_shared, all_groups, reporter, where)
     job.choices = choices
     job.given = {e.group.key: e for e in given}
+    for line in leftovers:
+        job.warn(line)
     try:
-        with ckpt.open() as files, ArchiveWriter(
+        with writing(dest), ckpt.open() as files, ArchiveWriter(
             dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite,
             max_shard_size=limit,
             shard_reserve=reserve if reserve is not None else estimate_table(ckpt, found),
@@ -171,7 +181,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
             matcher.close()
     reporter.finish()
     return CompressResult(
-        archive=writer.path,
+        archive=shown.with_name(writer.path.name),
         setting=spec.label if spec is not None else "given",
         input_bytes=ckpt.disk_bytes,
         archive_bytes=size,

@@ -24,7 +24,15 @@ from .decompose import synthesize
 from .device import resolve_device
 from .errors import CorruptArchiveError
 from .lanes import Lane, compute_threads, release_memory
-from .outputs import BuildDir, check_free_space, check_new_output
+from .outputs import (
+    BuildDir,
+    check_free_space,
+    check_merge,
+    check_new_output,
+    output_path,
+    sweep_leftovers,
+    writing,
+)
 from .profile import stage
 from .progress import Reporter, Silent
 from .records import GroupRecord, Manifest
@@ -100,24 +108,30 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
     where = resolve_device(device)
     archive = Path(archive)
     with ArchiveReader(archive) as reader:
-        dest = Path(out) if out is not None else default_expand_path(
+        shown = Path(out) if out is not None else default_expand_path(
             archive if archive.is_dir() else reader.path)
-        check_new_output(dest, overwrite)
+        dest = output_path(shown)
+        check_new_output(dest, overwrite, folder=True)
         m = reader.manifest
         headers = reader.shard_headers
+        files = [f.path for f in m.files] + [s.file for s in m.shards]
+        if overwrite:
+            check_merge(dest, files)
         total = sum(h.file_size for h in headers) + sum(f.size for f in m.files)
         check_free_space(dest, total)
+        for line in sweep_leftovers(dest):
+            reporter.warn(line)
         reporter.start("expand", total, len(m.groups))
-        result = ExpandResult(dest)
-        with BuildDir(dest, overwrite) as build:
+        result = ExpandResult(shown)
+        with writing(dest), BuildDir(dest, overwrite) as build:
             for f in m.files:
-                _write_side_file(reader, build.path, f.path, f.array, f.sha256)
+                _write_side_file(reader, build, f.path, f.array, f.sha256)
                 result.files.append(f.path)
                 reporter.advance(f.size)
             fds = []
             try:
                 for s, h in zip(m.shards, headers, strict=True):
-                    fds.append(_create_shard(build.path / s.file, h))
+                    fds.append(_create_shard(build, s.file, h))
                     result.files.append(s.file)
                 with compute_threads():
                     _write_tensors(reader, m, headers, fds, reporter, where)
@@ -132,22 +146,26 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
     return result
 
 
-def _write_side_file(reader: ArchiveReader, root: Path, rel: str, array: str, sha: str) -> None:
-    path = root / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _write_side_file(reader: ArchiveReader, build: BuildDir, rel: str, array: str,
+                     sha: str) -> None:
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
+    fd = build.create(rel)
+    try:
+        pos = 0
         for chunk in reader.chunks(array, check=False):
             digest.update(chunk)
-            f.write(chunk)
+            _pwrite_all(fd, memoryview(chunk), pos)
+            pos += len(chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     if digest.hexdigest() != sha:
         raise CorruptArchiveError(f"side file {rel!r} does not match its checksum", reader.path)
 
 
-def _create_shard(path: Path, h: Header) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.pwrite(fd, struct.pack("<Q", len(h.raw)) + h.raw, 0)
+def _create_shard(build: BuildDir, rel: str, h: Header) -> int:
+    fd = build.create(rel)
+    _pwrite_all(fd, memoryview(struct.pack("<Q", len(h.raw)) + h.raw), 0)
     os.ftruncate(fd, h.file_size)
     return fd
 

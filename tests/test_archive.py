@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import ders_cli as ders
-from ders_cli.archive import ArchiveReader, ArchiveWriter, WriterState, header_hash, temp_path
+from ders_cli.archive import ArchiveReader, ArchiveWriter, WriterState, header_hash
 from ders_cli.constants import HEADER_PREFIX
 from ders_cli.errors import CorruptArchiveError, InputError, NewerFormatError
+from ders_cli.outputs import temp_path
 from ders_cli.records import Manifest, ShardRecord
 from fixtures.synthetic import write_model
 

@@ -167,14 +167,22 @@ def test_dense_base(tmp_path):
 
 
 def test_single_file_model_and_default_paths(tmp_path):
+    """Default outputs go beside the model, never into a model folder (where the next compress
+    of the folder would meet them): m/model.safetensors -> m-model.ders beside m."""
     src = write_model(tmp_path / "m", upcycled_tensors(layers=1)) / "model.safetensors"
     result = ders.compress(src, ders.QuantSpec(8))
-    assert result.archive == tmp_path / "m" / "model.ders"
+    assert result.archive == tmp_path / "m-model.ders"
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json",
+                                                                  "model.safetensors"]
     out = ders.expand(result.archive).folder
-    assert out == tmp_path / "m" / "model-expanded"
+    assert out == tmp_path / "m-model-expanded"
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     folder_result = ders.compress(tmp_path / "m", ders.QuantSpec(8))
     assert folder_result.archive == tmp_path / "m.ders"
+    lone = tmp_path / "downloads"
+    lone.mkdir()
+    (lone / "x.safetensors").write_bytes(src.read_bytes())
+    assert ders.compress(lone / "x.safetensors", ders.QuantSpec(8)).archive == lone / "x.ders"
 
 
 def test_outputs_are_never_overwritten_silently(model, tmp_path):
