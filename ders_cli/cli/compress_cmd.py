@@ -41,8 +41,9 @@ if TYPE_CHECKING:
     from ..decompose import CodecSpec, SparseSpec
 
 ArchiveOut = Annotated[Path | None, out_option(
-    "The archive to write (default: MODEL's name with .ders, beside MODEL; for a Hub repo id, "
-    "in the working folder).")]
+    "The archive to write (default: MODEL's name with .ders, beside MODEL, never inside a "
+    "model folder: FOLDER-FILE.ders beside the folder for one .safetensors file of it; for a "
+    "Hub repo id, in the working folder).")]
 # The flags of --drop's sparsification; every other mode ignores them.
 SPARSE_OPTIONS = ("mask", "rescale", "bits", "group_size", "seed")
 

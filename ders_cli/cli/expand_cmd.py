@@ -6,8 +6,10 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import typer
+
 from .console import RichReporter, human_bytes, out, print_json, reported, shown
-from .options import ArchiveArg, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, examples, out_option
+from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt, examples, out_option
 
 EXAMPLES = examples("ders expand moe.ders                 # writes moe-expanded/",
                     "ders expand moe.ders -o ./moe-restored")
@@ -19,7 +21,11 @@ def expand_cmd(
         "The folder to write (default: ARCHIVE's name without .ders plus -expanded, beside "
         "it).")] = None,
     device: DeviceOpt = "auto",
-    force: ForceOpt = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Write into an existing output folder: the archive's files replace "
+                        "those of the same name, every other file stays (as hf download "
+                        "--local-dir does); refused when the folder holds weights the archive "
+                        "does not write, which a loader could mix in.")] = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
