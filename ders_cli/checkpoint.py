@@ -6,7 +6,6 @@ No math here: this module knows files, names and offsets.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from contextlib import ExitStack
@@ -14,15 +13,22 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
+from . import safejson
 from .constants import RESERVED_PREFIX
 from .errors import InputError
-from .safetensors_io import Header, TensorEntry, TensorFile, read_header
+from .records import check_paths, text_problem
+from .safetensors_io import Header, TensorEntry, TensorFile, not_regular, open_regular, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 # Directories that belong to tools, not to the model: never side files.
 SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 # What a Hub download fetches: weights in safetensors form and every small side file.
+# What a killed ders run leaves beside its output (ders_cli.outputs); never side files.
+_LEFTOVER = re.compile(r"\..+\.(partial|old)-\d+")
+# Largest config.json and shard index ders reads (an index of a 1T-parameter model is ~10 MB).
+MAX_CONFIG_BYTES = 16 << 20
+MAX_INDEX_BYTES = 256 << 20
 HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf",
               "*.ot", "*.tflite", "*.mlmodel", "original/*", "*.pdparams"]
 
@@ -44,6 +50,7 @@ class Checkpoint:
     side_files: tuple[str, ...]  # relative '/'-separated paths, sorted
     where: dict[str, tuple[int, TensorEntry]]  # tensor name -> (shard index, entry)
     config: dict | None = None  # config.json, a hint for detection only
+    skipped: tuple[str, ...] = ()  # a line for each file left out on purpose (for warnings)
 
     @property
     def tensor_bytes(self) -> int:
@@ -118,27 +125,28 @@ def open_checkpoint(spec: str | Path) -> Checkpoint:
     local = Path(spec).expanduser().exists()
     path = resolve(spec)
     ignore = () if local else HUB_IGNORE  # a cached snapshot may hold other formats' weights
-    if path.is_file():
+    if not path.is_dir():
         if path.suffix != ".safetensors":
             raise InputError("expected a model folder or a .safetensors file", path)
-        shards = (Shard(path.name, read_header(path)),)
+        shards = (Shard(path.name, read_header(path)),)  # refuses FIFOs, devices, folders
         return _build(path.parent, "file", path.stem, shards, ())
-    if not path.is_dir():
-        raise InputError("not a file or folder", path)
-    files = sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
+    files, side, skipped = _model_files(path)
     if not files:
         raise InputError("no .safetensors files in this folder", path)
     _check_index(path, files)
     shards = tuple(Shard(f, read_header(path / f)) for f in files)
-    side = tuple(sorted(p for p in _side_files(path, set(files))
-                        if not any(fnmatch(p, pattern) for pattern in ignore)))
+    side = [p for p in side if not any(fnmatch(p, pattern) for pattern in ignore)]
+    try:
+        check_paths(files, side)  # what a reader would refuse, refused before writing
+    except ValueError as exc:
+        raise InputError(str(exc), path) from None
     # A Hub repo id names its outputs after the repo, not after the cache's snapshot hash.
     name = path.resolve().name if local else str(spec).split("@", 1)[0].rsplit("/", 1)[-1]
-    return _build(path, "folder", name, shards, side)
+    return _build(path, "folder", name, shards, tuple(side), tuple(skipped))
 
 
 def _build(root: Path, kind: str, name: str, shards: tuple[Shard, ...],
-           side: tuple[str, ...]) -> Checkpoint:
+           side: tuple[str, ...], skipped: tuple[str, ...] = ()) -> Checkpoint:
     where: dict[str, tuple[int, TensorEntry]] = {}
     for i, shard in enumerate(shards):
         for tname, entry in shard.header.tensors.items():
@@ -149,27 +157,48 @@ def _build(root: Path, kind: str, name: str, shards: tuple[Shard, ...],
             if tname.startswith(RESERVED_PREFIX):
                 raise InputError(f"tensor name {tname!r} uses the prefix {RESERVED_PREFIX!r} "
                                  "that ders reserves", root / shard.file)
+            problem = text_problem(tname)
+            if problem:
+                raise InputError(f"tensor name {tname!r} {problem}", root / shard.file)
             where[tname] = (i, entry)
     config = None
     if "config.json" in side:
-        try:
-            config = json.loads((root / "config.json").read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            config = None  # a hint only: a broken config is the model's business, not ours
+        config = _read_json(root / "config.json", MAX_CONFIG_BYTES)
+        if not isinstance(config, dict):
+            config = None  # a hint only: a config that says nothing is the model's business
     return Checkpoint(root=root, kind=kind, name=name, shards=shards, side_files=side,
-                      where=where, config=config)
+                      where=where, config=config, skipped=skipped)
+
+
+def _read_json(path: Path, limit: int) -> object:
+    """A model's JSON file, within size and depth limits (a config nested 1,000 deep is an
+    error naming it, not a crash); None when it is not JSON at all."""
+    fd = open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise InputError(f"is larger than {limit // (1 << 20)} MiB: not a JSON file ders reads",
+                         path)
+    depth = safejson.nesting_depth(raw)
+    if depth > safejson.MAX_DEPTH:
+        raise InputError(f"JSON nested {depth} levels deep, more than the limit of "
+                         f"{safejson.MAX_DEPTH}", path)
+    try:
+        return safejson.loads(raw)
+    except ValueError:
+        return None
 
 
 def _check_index(folder: Path, files: list[str]) -> None:
     # The index is only a hint (shard headers are the authority), but a shard it names that is
     # missing means an incomplete download: compressing that would lose tensors silently.
     index = folder / INDEX_FILE
-    if not index.is_file():
+    if not os.path.lexists(index):
         return
+    doc = _read_json(index, MAX_INDEX_BYTES)
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-        shards = set(doc["weight_map"].values())
-    except (ValueError, KeyError, TypeError, AttributeError):
+        shards = {s for s in doc["weight_map"].values() if isinstance(s, str)}
+    except (KeyError, TypeError, AttributeError):
         raise InputError("not a valid safetensors index (no weight_map)", index) from None
     missing = sorted(s for s in shards if s not in files)
     if missing:
@@ -187,14 +216,61 @@ def is_model_folder(folder: Path, besides: str) -> bool:
                                          for n in names)
 
 
-def _side_files(root: Path, shard_files: set[str]) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+def link_root(folder: Path) -> Path:
+    """Where the links of a model folder may point: inside the folder, or for a snapshot of
+    the Hugging Face cache (``models--org--name/snapshots/REV``, whose files are links into
+    ``../../blobs``) inside the repository's cache folder."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir():
+        return real.parent.parent
+    return real
+
+
+def _model_file(root: Path, allowed: Path, rel: str) -> None:
+    """A file of a model folder must be a regular file inside it (or inside ``allowed``):
+    a link to ~/.ssh, to /dev/zero or a FIFO would be packed into an archive that others
+    download, grow it without end, or hang the run."""
+    path = root / rel
+    if os.path.islink(path):
+        real = Path(os.path.realpath(path))
+        if not real.is_relative_to(allowed):
+            raise InputError(f"is a link to {real}, outside the model folder: ders packs only "
+                             "files inside it (copy the file in, or remove the link)", path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError("is a broken link", path) from None
+    kind = not_regular(mode)
+    if kind is not None:
+        raise InputError(f"is {kind}; a model folder holds regular files (remove it)", path)
+
+
+def _model_files(root: Path) -> tuple[list[str], list[str], list[str]]:
+    """The shard files (top-level ``*.safetensors``), the side files (every other file under
+    the folder), both checked by ``_model_file``, and a line for each file skipped on purpose:
+    ders archives and ders leftovers are never packed into an archive."""
+    allowed = link_root(root)
+    shards: list[str] = []
+    side: list[str] = []
+    skipped: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         rel_dir = Path(dirpath).relative_to(root)
-        for fname in filenames:
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for d in dirnames:
+            if os.path.islink(Path(dirpath) / d):
+                raise InputError("is a link to a folder: ders packs only plain folders (copy "
+                                 "it in, or remove the link)", Path(dirpath) / d)
+        for fname in sorted(filenames):
             rel = (rel_dir / fname).as_posix()
-            if rel in shard_files or (fname.startswith(".") and ".partial-" in fname):
+            if _LEFTOVER.fullmatch(fname):
+                skipped.append(f"skipped {rel}: left by an interrupted ders run")
                 continue
-            out.append(rel)
-    return out
+            if fname.endswith(".ders"):
+                skipped.append(f"skipped {rel}: a ders archive is never packed into another")
+                continue
+            _model_file(root, allowed, rel)
+            if rel_dir == Path(".") and fname.endswith(".safetensors"):
+                shards.append(rel)
+            else:
+                side.append(rel)
+    return shards, sorted(side), skipped

@@ -8,6 +8,7 @@ the next is read.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,7 @@ from .records import (
     TensorRecord,
     required_version,
 )
+from .safetensors_io import open_regular
 
 
 @dataclass
@@ -167,7 +169,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     job = _Job(ckpt, found, spec, matcher, threshold, use_shared, all_groups, reporter, where)
     job.choices = choices
     job.given = {e.group.key: e for e in given}
-    for line in leftovers:
+    for line in leftovers + list(ckpt.skipped):
         job.warn(line)
     try:
         with writing(dest), ckpt.open() as files, ArchiveWriter(
@@ -274,17 +276,30 @@ class _Job:
 
     def _side_file(self, w: ArchiveWriter, index: int, rel: str) -> FileRecord:
         path = self.ckpt.root / rel
-        size = path.stat().st_size
         sha = hashlib.sha256()
+        fd = open_regular(path)  # checked when the folder was read; a swap since is refused
+        size = os.fstat(fd).st_size
 
         def chunks():
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    sha.update(chunk)
-                    yield chunk
+            # Exactly ``size`` bytes: a file that shrinks or grows while it is read is an
+            # error naming it, not a short array or an archive that grows without end.
+            left = size
+            while left:
+                chunk = os.read(fd, min(left, 1 << 24))
+                if not chunk:
+                    raise InputError(f"shrank while it was read ({size - left} of {size} bytes)",
+                                     path)
+                sha.update(chunk)
+                left -= len(chunk)
+                yield chunk
+            if os.read(fd, 1):
+                raise InputError(f"grew while it was read (past {size} bytes)", path)
 
         name = SIDE_FILE_NAME.format(index=index)
-        w.add(name, "U8", (size,), chunks())
+        try:
+            w.add(name, "U8", (size,), chunks())
+        finally:
+            os.close(fd)
         self.reporter.advance(size)
         return FileRecord(rel, size, sha.hexdigest(), name)
 

@@ -225,7 +225,7 @@ class Manifest:
                        ref(f.get("array"), "file"))
             for f in _list(doc, "files")
         )
-        _check_paths([s.file for s in shards], [f.path for f in files])
+        check_paths([s.file for s in shards], [f.path for f in files])
         groups = tuple(_group(g, ref) for g in _list(doc, "groups"))
         tensors_doc = doc.get("tensors")
         _expect(isinstance(tensors_doc, dict), "manifest has no 'tensors' map")
@@ -381,7 +381,7 @@ def path_problem(path: str) -> str | None:
     return None
 
 
-def _check_paths(shards: list[str], files: list[str]) -> None:
+def check_paths(shards: list[str], files: list[str]) -> None:
     """Every file an archive expands to: a safe path, a .safetensors name for a shard, and no
     two that one folder cannot hold side by side (the same name, names differing in case only,
     which a case-insensitive file system merges, or a file where another needs a folder)."""
