@@ -14,7 +14,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from . import safejson
-from .constants import RESERVED_PREFIX
+from .constants import HEADER_PREFIX, INDEX_PREFIX, INDEX_SUFFIX, RESERVED_PREFIX, SHARD_SUFFIX
 from .errors import InputError
 from .records import check_paths, text_problem
 from .safetensors_io import Header, TensorEntry, TensorFile, not_regular, open_regular, read_header
@@ -245,6 +245,20 @@ def _model_file(root: Path, allowed: Path, rel: str) -> None:
         raise InputError(f"is {kind}; a model folder holds regular files (remove it)", path)
 
 
+def _is_archive(path: Path) -> bool:
+    """A ders archive under a safetensors name (a shard or the index of a sharded archive,
+    ``model.ders.safetensors`` of a Hub folder): its first bytes say so."""
+    name = path.name
+    if name.endswith(INDEX_SUFFIX):
+        prefix, skip = INDEX_PREFIX, 0
+    elif name.endswith(SHARD_SUFFIX):
+        prefix, skip = HEADER_PREFIX, 8
+    else:
+        return False
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read(skip + len(prefix))[skip:] == prefix
+
+
 def _model_files(root: Path) -> tuple[list[str], list[str], list[str]]:
     """The shard files (top-level ``*.safetensors``), the side files (every other file under
     the folder), both checked by ``_model_file``, and a line for each file skipped on purpose:
@@ -265,10 +279,10 @@ def _model_files(root: Path) -> tuple[list[str], list[str], list[str]]:
             if _LEFTOVER.fullmatch(fname):
                 skipped.append(f"skipped {rel}: left by an interrupted ders run")
                 continue
-            if fname.endswith(".ders"):
+            _model_file(root, allowed, rel)
+            if fname.endswith(".ders") or _is_archive(root / rel):
                 skipped.append(f"skipped {rel}: a ders archive is never packed into another")
                 continue
-            _model_file(root, allowed, rel)
             if rel_dir == Path(".") and fname.endswith(".safetensors"):
                 shards.append(rel)
             else:

@@ -159,6 +159,18 @@ def test_archives_and_leftovers_in_the_model_folder_are_never_packed(model, tmp_
     assert packed(tmp_path / "a.ders") == ["config.json", "tokenizer.json"]
 
 
+def test_a_sharded_archive_in_the_model_folder_is_never_read_as_the_model(model, tmp_path):
+    """Its shards and index end in .safetensors and .safetensors.index.json, like a model's."""
+    result = ders.compress(model, ders.QuantSpec(4), model / "inner.ders", max_shard_size=4000)
+    assert result.archive.name.endswith(".safetensors.index.json")
+    r = compress(model, tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "inner.ders-00001-of-" in r.stderr and "never packed" in r.stderr
+    assert packed(tmp_path / "a.ders") == ["config.json", "tokenizer.json"]
+    with ArchiveReader(tmp_path / "a.ders") as reader:
+        assert [s.file for s in reader.manifest.shards] == ["model.safetensors"]
+
+
 # --- JSON within limits ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
