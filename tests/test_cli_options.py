@@ -148,3 +148,15 @@ def test_docs_cli_md_is_current():
 
     assert (ROOT / "docs" / "CLI.md").read_text() == render(), (
         "docs/CLI.md is out of date: run python -m ders_cli.cli.reference")
+
+
+def test_names_that_look_like_markup_are_printed_as_they_are(tmp_path):
+    """Tensor names come from the model: rich must not read "[/x]" in one as a closing tag."""
+    tensors = {n.replace("w1.weight", "w[/x]1.weight"): t
+               for n, t in upcycled_tensors(layers=1, hidden=32, intermediate=64).items()}
+    path = write_model(tmp_path / "m", tensors)
+    key = "model.layers.0.block_sparse_moe.experts.{E}.w[/x]1.weight"
+    for args in (["inspect", path], ["compress", path, "--drop", "0.9", "-o", tmp_path / "a"]):
+        r = run(*args)
+        assert r.exit_code == 0, r.output
+        assert key in r.stdout

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..constants import DEFAULT_GROUP_SIZE
@@ -189,7 +190,7 @@ def _run(model: str, spec: CodecSpec | SparseSpec | TargetSpec, out_path: Path |
 
 
 def show(r: CompressResult, seconds: float) -> None:
-    table = Table(title=f"{r.setting}: expert groups", title_justify="left")
+    table = Table(title=f"{escape(r.setting)}: expert groups", title_justify="left")
     for col, just in (("group", "left"), ("N", "right"), ("stored as", "left"),
                       ("bytes", "right"), ("of original", "right"), ("rel. error (max)", "right"),
                       ("cos (min)", "right")):
@@ -197,7 +198,7 @@ def show(r: CompressResult, seconds: float) -> None:
     for g in sorted(r.groups, key=lambda g: natural_key(g.key)):
         passthrough = g.action == "passthrough"
         members = str(g.members) + (f" ({len(g.shared)} shared)" if g.shared else "")
-        table.add_row(g.key, members, g.setting,
+        table.add_row(escape(g.key), members, escape(g.setting),
                       human_bytes(g.stored_bytes), f"{g.stored_bytes / g.original_bytes:.1%}",
                       "-" if passthrough else f"{g.max_rel_error:.2e}",
                       "-" if passthrough else f"{g.min_cos:.6f}")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .console import (
@@ -75,14 +76,14 @@ def show(r: InspectReport) -> None:
         _groups(r)
     for s in r.skipped:
         if "quantized" not in s:
-            out.print(f"[yellow]not a group:[/] {s['key']}: {s['reason']}")
+            out.print(f"[yellow]not a group:[/] {escape(s['key'])}: {escape(s['reason'])}")
     for line in r.quantized:
-        out.print(f"[yellow]{line}[/]")
+        out.print(f"[yellow]{escape(line)}[/]")
     out.print(f"parameters: {human_count(r.total_params)}; in expert groups: "
               f"{human_count(r.expert_params)} ({r.expert_share:.1%}); upcycled: "
               f"{human_count(r.upcycled_params)}")
     if r.nothing_to_compress:
-        out.print(f"[bold yellow]nothing ders can compress:[/] {r.nothing_to_compress}")
+        out.print(f"[bold yellow]nothing ders can compress:[/] {escape(r.nothing_to_compress)}")
         return
     est = Table(title="What each setting would write", title_justify="left")
     for col in ("setting", "archive", "of original", "saved"):
@@ -98,15 +99,16 @@ def show(r: InspectReport) -> None:
 
 
 def _groups(r: InspectReport) -> None:
-    table = Table(title=f"Expert groups of {r.model}", title_justify="left")
+    # names come from the model: escaped, so that rich prints them as they are
+    table = Table(title=f"Expert groups of {escape(r.model)}", title_justify="left")
     for col, just in (("group", "left"), ("N", "right"), ("shape", "left"), ("dtype", "left"),
                       ("cos to base (min)", "right"), ("cos between (min)", "right"),
                       ("|Δ|/|W| (max)", "right"), ("upcycled", "center")):
         table.add_column(col, justify=just, overflow="fold")
     for g in sorted(r.groups, key=lambda g: natural_key(g.key)):
         joined = sum(s["joins"] for s in g.shared)
-        table.add_row(g.key, f"{g.num_experts - joined}+{joined}" if joined else
-                      str(g.num_experts), "x".join(map(str, g.shape)), g.dtype,
+        table.add_row(escape(g.key), f"{g.num_experts - joined}+{joined}" if joined else
+                      str(g.num_experts), "x".join(map(str, g.shape)), escape(g.dtype),
                       f"{g.cos_to_base_min:.6f}",
                       f"{g.cos_between_min:.6f}" + ("*" if g.cos_between_sampled else ""),
                       f"{max(g.rel_delta_norm):.2%}",
@@ -117,7 +119,7 @@ def _groups(r: InspectReport) -> None:
     for g in r.groups:
         for s in g.shared:
             verdict = "joins its group (extended DeRS)" if s["joins"] else "stays apart"
-            out.print(f"shared FFN {s['tensor']}: cosine {s['cos']:.6f} to the experts, "
+            out.print(f"shared FFN {escape(s['tensor'])}: cosine {s['cos']:.6f} to the experts, "
                       f"{verdict}")
     bases = {g.base.split()[0] for g in r.groups}
     if bases:
