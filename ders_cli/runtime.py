@@ -338,10 +338,12 @@ def load_from_archive(archive: str | Path, *, mode: str = "auto",
     from .hf.quantizer import ARCHIVE_NAME, folder_config, register
 
     register()
-    archive = Path(archive)
     with ArchiveReader(archive) as reader:
         am = open_archive_model(reader)
         default = _dtype(am)
+        # A sharded archive keeps its files' names: its index names its shards.
+        parts = list(reader.files) if reader.sharded else [reader.path]
+        name = parts[0].name if reader.sharded else ARCHIVE_NAME
         files = {f.path: f for f in reader.manifest.files}
         config = json.loads(bytes(reader.read_bytes(files[CONFIG_FILE].array)))
         gen = files.get(GENERATION_FILE)
@@ -349,16 +351,18 @@ def load_from_archive(archive: str | Path, *, mode: str = "auto",
     # The folder from_pretrained reads: the archive linked in, its config and generation config.
     with tempfile.TemporaryDirectory(prefix="ders-load-") as tmp:
         folder = Path(tmp)
-        _link(archive.resolve(), folder / ARCHIVE_NAME)
+        for i, part in enumerate(parts):
+            _link(part.resolve(), folder / (name if i == 0 else part.name))
         runtime = {"mode": mode, "cache_gb": cache_gb}
-        (folder / CONFIG_FILE).write_text(json.dumps(folder_config(config, runtime=runtime)))
+        (folder / CONFIG_FILE).write_text(json.dumps(folder_config(config, name,
+                                                                   runtime=runtime)))
         if generation is not None:
             (folder / GENERATION_FILE).write_bytes(generation)
         with quiet_transformers(errors_only=False):
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=_torch_dtype(dtype) if dtype is not None else default,
                 device_map=device_map if device is None else device)
-    model.config.name_or_path = str(archive)
+    model.config.name_or_path = str(parts[0])
     return model.eval()
 
 

@@ -211,3 +211,18 @@ def test_save_pretrained_refuses_a_folder_with_plain_weights(folders, tmp_path):
     with pytest.raises(UsageError, match="holds model"):
         load_from_archive(folders / "mixtral.ders").save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_a_sharded_archive_loads_the_same(folders, tmp_path):
+    from ders_cli.runtime import load_from_archive
+
+    model = folders / "mixtral"
+    result = compress(model, QuantSpec(2), tmp_path / "s.ders", max_shard_size=40_000)
+    assert len(result.files) > 2  # an index and shards
+    folder = write_folder(result.archive, tmp_path / "folder")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["archive"] == "s.ders.safetensors.index.json"
+    ref = _logits(_auto().from_pretrained(folders / "mixtral-expanded",
+                                          experts_implementation="eager"))
+    assert torch.equal(_logits(_auto().from_pretrained(folder)), ref)
+    assert torch.equal(_logits(load_from_archive(result.archive)), ref)

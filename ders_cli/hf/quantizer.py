@@ -67,16 +67,19 @@ def check_no_plain_weights(folder: Path) -> None:
 def write_folder(archive: str | Path, folder: str | Path, *, move: bool = False,
                  **informative: Any) -> Path:
     """Make ``folder`` a ders folder holding ``archive`` (moved there with ``move``): its
-    config.json, the archive under ARCHIVE_NAME and every other side file as a plain file.
-    Files already in ``folder`` stay, except those these names replace."""
+    config.json, the archive and every other side file as a plain file. A one-file archive is
+    named ARCHIVE_NAME there; a sharded one keeps its files' names (its index names its
+    shards), and config.json names its index. Files already in ``folder`` stay, except those
+    these names replace."""
     from ..archive import ArchiveReader
     from ..errors import InputError
     from .side_files import read_side_files, write_side_files
 
-    archive, folder = Path(archive), Path(folder)
+    folder = Path(folder)
     check_no_plain_weights(folder)
     with ArchiveReader(archive) as reader:
         files = read_side_files(reader)
+        parts = list(reader.files) if reader.sharded else [reader.path]
     if "config.json" not in files:
         raise InputError("has no config.json: not an archive of a transformers model", archive)
     config = json.loads(files.pop("config.json"))
@@ -85,11 +88,14 @@ def write_folder(archive: str | Path, folder: str | Path, *, move: bool = False,
     files.pop("model.safetensors.index.json", None)
     folder.mkdir(parents=True, exist_ok=True)
     write_side_files(files, folder)
+    name = parts[0].name if len(parts) > 1 or parts[0].name.endswith(".index.json") \
+        else ARCHIVE_NAME
+    for i, part in enumerate(parts):
+        dest = folder / (name if i == 0 else part.name)
+        if dest.resolve() != part.resolve():
+            (shutil.move if move else shutil.copyfile)(part, dest)
     (folder / "config.json").write_text(
-        json.dumps(folder_config(config, **informative), indent=2, sort_keys=True) + "\n")
-    dest = folder / ARCHIVE_NAME
-    if dest.resolve() != archive.resolve():
-        (shutil.move if move else shutil.copyfile)(archive, dest)
+        json.dumps(folder_config(config, name, **informative), indent=2, sort_keys=True) + "\n")
     return folder
 
 
