@@ -8,6 +8,7 @@ Everything the ``ders`` command does is a function here::
     result = ders.compress("model/", ders.SparseSpec(drop=0.9), "model.ders")
     result = ders.compress("model/", ders.QuantSpec(bits=2), "q2.ders")
     result = ders.compress("model/", ders.LosslessSpec(), "exact.ders")
+    result = ders.compress("model/", ders.LowRankSpec(rank=8), "r8.ders")
     result = ders.compress("model/", ders.TargetSpec(max_error=0.005), "e.ders")
     ders.verify("model.ders", against="model/")
     ders.expand("model.ders", "restored/")
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 if sys.byteorder != "little":  # safetensors and the archive are little-endian on disk
     raise ImportError("ders needs a little-endian machine")
 
+from .constants import DEFAULT_GROUP_SIZE
 from .errors import (
     CorruptArchiveError,
     DersError,
@@ -52,9 +54,10 @@ _API = {
     "TargetSpec": "choose",
     "CompressResult": "compress",
     "compress": "compress",
-    "LosslessSpec": "decompose",
-    "QuantSpec": "decompose",
-    "SparseSpec": "decompose",
+    "LosslessSpec": "codecs",
+    "LowRankSpec": "codecs",
+    "QuantSpec": "codecs",
+    "SparseSpec": "codecs",
     "ExpandResult": "expand",
     "expand": "expand",
     "InspectReport": "inspection",
@@ -91,10 +94,11 @@ sys.modules[__name__].__class__ = _Package
 _register_on_import()
 
 
-def quantize(model, bits: int, out=None, *, group_size: int = 128, **kwargs) -> CompressResult:
+def quantize(model, bits: int, out=None, *, group_size: int = DEFAULT_GROUP_SIZE, **kwargs
+             ) -> CompressResult:
     """``compress`` with a QuantSpec: the delta of every expert quantized to ``bits`` bits."""
+    from .codecs import QuantSpec
     from .compress import compress
-    from .decompose import QuantSpec
 
     return compress(model, QuantSpec(bits, group_size), out, **kwargs)
 

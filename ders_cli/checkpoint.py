@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -74,7 +75,9 @@ class Checkpoint:
 
 
 class ShardFiles:
-    """Open readers for every shard of a checkpoint; a context manager."""
+    """Open readers for every shard of a checkpoint; a context manager. Compress reads tensors
+    through ``read_into``, ``chunks`` and ``path_of`` (``groups.TensorSource``), which tensors
+    held in memory can provide as well."""
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self._ckpt = ckpt
@@ -83,6 +86,16 @@ class ShardFiles:
 
     def of(self, name: str) -> TensorFile:
         return self.files[self._ckpt.where[name][0]]
+
+    def read_into(self, name: str, offset: int, out: memoryview) -> None:
+        """Bytes of tensor ``name`` from ``offset`` (counted from its first byte) into ``out``."""
+        self.of(name).read_into(self._ckpt.entry(name).begin + offset, out)
+
+    def chunks(self, name: str) -> Iterator[bytearray]:
+        return self.of(name).chunks(self._ckpt.entry(name))
+
+    def path_of(self, name: str) -> Path:
+        return self.of(name).path
 
     def close(self) -> None:
         self._stack.close()

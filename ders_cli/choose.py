@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
-from .decompose import CodecSpec, QuantSpec, SparseSpec
+from .codecs import CodecSpec, QuantSpec, SparseSpec
 from .detect import Found, with_members
 from .errors import InputError, UsageError
 from .plan import estimate_header, group_bytes
@@ -44,11 +44,13 @@ class TargetSpec:
 
     def check(self) -> None:
         if (self.max_error is None) == (self.target_size is None):
-            raise UsageError("give one of --max-error and --target-size")
+            raise UsageError("give one of max_error and target_size")
         if self.max_error is not None and not self.max_error > 0.0:
-            raise UsageError(f"--max-error must be positive, got {self.max_error}")
+            raise UsageError(f"max_error must be positive, got {self.max_error}",
+                             param="max_error")
         if self.target_size is not None and not 0.0 < self.target_size <= 1.0:
-            raise UsageError(f"--target-size must be in (0, 100%], got {self.target_size:.1%}")
+            raise UsageError(f"target_size must be in (0, 100%], got {self.target_size:.1%}",
+                             param="target_size")
 
     @property
     def label(self) -> str:

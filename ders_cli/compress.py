@@ -19,7 +19,7 @@ import torch
 from .archive import ArchiveWriter, index_path, parse_size
 from .checkpoint import Checkpoint, ShardFiles, is_model_folder, open_checkpoint
 from .choose import LADDER, LOSSLESS_FROM, TargetSpec, plan_target
-from .codecs import get_codec
+from .codecs import CodecSpec, LosslessSpec, get_codec
 from .codecs.bases import stored_base
 from .constants import (
     BASE_RAW,
@@ -30,10 +30,8 @@ from .constants import (
     SIDE_FILE_NAME,
 )
 from .decompose import (
-    CodecSpec,
     EncodedGroup,
     GivenEncoding,
-    LosslessSpec,
     NonFiniteMember,
     encode_group,
     measure_group,
@@ -142,7 +140,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     where = resolve_device(device)
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     if not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
+        raise UsageError(f"threshold must be in [0, 1], got {threshold}", param="threshold")
     reporter = reporter or Silent()
     ckpt = open_checkpoint(model)
     if given:
@@ -306,7 +304,7 @@ class _Job:
     def _passthrough(self, files: ShardFiles, w: ArchiveWriter, name: str) -> None:
         """Copy one tensor as it is (runs on the writer lane)."""
         shard, e = self.ckpt.where[name]
-        sha = w.add(name, e.dtype, e.shape, files.of(name).chunks(e))
+        sha = w.add(name, e.dtype, e.shape, files.chunks(name))
         self.tensors[name] = TensorRecord(shard, sha)
         self.reporter.advance(e.nbytes)
 

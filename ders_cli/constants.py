@@ -95,7 +95,13 @@ CODEC_QUANT = "quant"
 CODEC_LOSSLESS = "lossless"
 CODEC_LOWRANK = "lowrank"
 QUANT_BITS = (1, 2, 3, 4, 8)
+# Elements sharing one scale and offset (quant, and sparse values quantized): the default.
 DEFAULT_GROUP_SIZE = 128
+# How the quant codec chooses each group's range: min/max, or the clip search (the default).
+QUANT_METHODS = ("rtn", "mse")
+DEFAULT_QUANT_METHOD = "mse"
+# The method an archive that records none was written with (the first archives had only rtn).
+RECORDED_QUANT_METHOD = "rtn"
 # Per-group scale and offset of the quant codec are stored in this dtype (8 significant bits
 # over the whole f32 range: f16 would lose the tiny scales of 8-bit deltas to subnormals).
 QUANT_PARAM_DTYPE = "BF16"
@@ -103,6 +109,11 @@ QUANT_PARAM_DTYPE = "BF16"
 # Index encodings of the sparse codec, by the bytes each needs for n elements and k kept.
 INDEX_ALL = "all"  # k == n: nothing to store
 INDEX_SEED = "seed"  # regenerated from a 64-bit seed: nothing to store beyond the manifest
+INDEX_BITMAP = "bitmap"  # n bits
+INDEX_GAPS = "gaps"  # LEB128 gaps between kept positions
+# How the sparse codec chooses the kept positions, and scales the kept values.
+SPARSE_MASKS = ("random", "magnitude")
+SPARSE_RESCALES = ("inverse", "none", "norm")
 
 # The mask generator (docs/FORMAT.md, "Random masks"): a keyed Feistel permutation.
 MASK_ROUNDS = 4

@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 
 from .archive import ArchiveReader
-from .codecs import compute_dtype, get_codec
-from .codecs.bases import load_base
 from .constants import INDEX_SUFFIX, SHARD_SUFFIX
-from .decompose import synthesize
 from .device import resolve_device
 from .errors import CorruptArchiveError
+from .groups import GroupArrays, Prefetch, group_arrays
 from .lanes import Lane, compute_threads, release_memory
 from .outputs import (
     BuildDir,
@@ -35,7 +33,7 @@ from .outputs import (
 )
 from .profile import stage
 from .progress import Reporter, Silent
-from .records import GroupRecord, Manifest
+from .records import Manifest
 from .safetensors_io import Header, tensor_bytes
 
 
@@ -57,47 +55,6 @@ def default_expand_path(archive: Path) -> Path:
     for suffix in (INDEX_SUFFIX, SHARD_SUFFIX, ".ders"):
         stem = stem.removesuffix(suffix)
     return archive.parent / f"{stem or archive.name}-expanded"
-
-
-def shard_headers(reader: ArchiveReader) -> list[Header]:
-    """The original shard headers stored in an archive (parsed and checked when it was
-    opened)."""
-    return reader.shard_headers
-
-
-@dataclass
-class GroupArrays:
-    """What synthesizing a group's members needs, read once: checksums verified."""
-
-    record: GroupRecord
-    base: torch.Tensor  # flat, in the group's dtype
-    base_c: torch.Tensor  # flat, in the compute dtype
-    arrays: dict[str, torch.Tensor]
-    archive: Path | None = None  # named by errors
-
-    def member(self, i: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Member ``i``, flattened (into ``out`` when given)."""
-        g = self.record
-        rows = get_codec(g.codec["name"]).member_rows(self.arrays, g.codec["params"], i)
-        try:
-            with stage("synth"):
-                return synthesize(self.base, g.codec["name"], g.codec["params"], rows, i,
-                                  g.dtype, self.base_c, out)
-        except ValueError as exc:  # stored bytes that do not decode (an entropy coder's)
-            raise CorruptArchiveError(f"group {g.key!r}: {exc}", self.archive) from None
-
-
-def group_arrays(reader: ArchiveReader, g: GroupRecord,
-                 device: torch.device | None = None) -> GroupArrays:
-    """Read a group's base and arrays (checksums verified) and put them on ``device``."""
-    device = device or torch.device("cpu")
-    try:
-        base = load_base(reader.array(g.base["array"]), g.base_encoding, g.dtype, g.numel)
-    except ValueError as exc:
-        raise CorruptArchiveError(f"group {g.key!r}: base is {exc}", reader.path) from None
-    base = base.to(device)
-    arrays = {k: reader.array(name).to(device) for k, name in g.codec["arrays"].items()}
-    return GroupArrays(g, base, base.to(compute_dtype(g.dtype)), arrays, reader.path)
 
 
 def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: bool = False,
@@ -241,9 +198,8 @@ def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fd
     group_of_base = {g.base["array"]: g for g in m.groups}
     order = [e.name for e in reader.data_order()]
     groups = [group_of_base[n] for n in order if n in group_of_base]
-    with Lane("read", depth=1) as ahead_lane, Lane("write") as writer:
-        ahead = ahead_lane.submit(group_arrays, reader, groups[0], device) if groups else None
-        done = 0
+    with Prefetch(groups, lambda g: group_arrays(reader, g, device)) as ahead, \
+            Lane("write") as writer:
         for name in order:
             t = m.tensors.get(name)
             if t is not None and t.group is None:
@@ -251,10 +207,7 @@ def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fd
                 writer.submit(_copy_passthrough, reader, name, t.sha256, fds[t.shard],
                               target.begin, reporter)
             elif name in group_of_base:
-                parts = ahead.result()
-                done += 1
-                if done < len(groups):
-                    ahead = ahead_lane.submit(group_arrays, reader, groups[done], device)
+                parts = next(ahead)
                 g = parts.record
                 ring = _Ring(parts)
                 for i, member in enumerate(g.members):

@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import Checkpoint, ShardFiles
+from .checkpoint import Checkpoint
 from .codecs import compute_dtype
 from .dense_base import DenseMatcher
 from .detect import with_members
+from .dtypes import TORCH_DTYPES
 from .errors import InputError
 from .finite import all_finite
+from .groups import TensorSource
 from .profile import stage
 from .records import ExpertGroup, Member
-from .safetensors_io import TORCH_DTYPES
 from .stats import cosine, mean_base, member_stats
 
 
@@ -60,8 +61,8 @@ class LoadedGroup:
             compute_dtype(self.group.dtype), copy=True)
 
 
-def read_members(files: ShardFiles, ckpt: Checkpoint, members: tuple[Member, ...], dtype: str,
-                 shape: tuple[int, ...], check_finite: bool = True
+def read_members(files: TensorSource, ckpt: Checkpoint, members: tuple[Member, ...],
+                 dtype: str, shape: tuple[int, ...], check_finite: bool = True
                  ) -> tuple[torch.Tensor, dict[str, str]]:
     """Members as one ``[N, *shape]`` tensor, and the sha256 of each tensor they live in (a
     fused tensor's slices, hashed in order, are the whole tensor). ``check_finite``: refuse a
@@ -71,10 +72,9 @@ def read_members(files: ShardFiles, ckpt: Checkpoint, members: tuple[Member, ...
     views = []
     with stage("read"):
         for i, m in enumerate(members):
-            e = ckpt.entry(m.tensor)
-            offset, _ = m.byte_range(e.begin, e.nbytes)
+            offset, _ = m.byte_range(0, ckpt.entry(m.tensor).nbytes)
             views.append(memoryview(flat[i].numpy()))
-            files.of(m.tensor).read_into(offset, views[i])
+            files.read_into(m.tensor, offset, views[i])
     shas = {}
     with stage("hash"):  # the bytes just read, in memory: never a second read
         for name in dict.fromkeys(m.tensor for m in members):
@@ -89,9 +89,9 @@ def read_members(files: ShardFiles, ckpt: Checkpoint, members: tuple[Member, ...
     return out, shas
 
 
-def non_finite(files: ShardFiles, member: Member) -> InputError:
+def non_finite(files: TensorSource, member: Member) -> InputError:
     return InputError(f"tensor {member.label!r} contains NaN or Inf; ders will not decompose it",
-                      files.of(member.tensor).path)
+                      files.path_of(member.tensor))
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Fetched:
     candidates: list[tuple[Member, torch.Tensor, dict[str, str]]]
 
 
-def fetch_group(files: ShardFiles, ckpt: Checkpoint, g: ExpertGroup,
+def fetch_group(files: TensorSource, ckpt: Checkpoint, g: ExpertGroup,
                 candidates: tuple[Member, ...] = (), check_finite: bool = True) -> Fetched:
     """Read a group's members and its shared-FFN candidates (I/O and hashing only)."""
     weights, shas = read_members(files, ckpt, g.members, g.dtype, g.shape, check_finite)
@@ -139,7 +139,7 @@ def prepare_group(f: Fetched, *, threshold: float, matcher: DenseMatcher | None 
     return LoadedGroup(g, weights, shas, base, base_record, shared)
 
 
-def load_group(files: ShardFiles, ckpt: Checkpoint, g: ExpertGroup,
+def load_group(files: TensorSource, ckpt: Checkpoint, g: ExpertGroup,
                candidates: tuple[Member, ...] = (), *, threshold: float,
                matcher: DenseMatcher | None = None, use_shared: bool = True) -> LoadedGroup:
     """Read a group and decide what it is (``fetch_group`` then ``prepare_group``)."""

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import open_checkpoint
+from .codecs import CodecSpec, QuantSpec, SparseSpec
 from .constants import DEFAULT_UPCYCLED_COS
-from .decompose import CodecSpec, QuantSpec, SparseSpec
 from .dense_base import DenseMatcher
 from .detect import find_groups, layer_of, nothing_to_compress, quantized_summary
 from .errors import UsageError

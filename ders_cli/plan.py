@@ -5,8 +5,7 @@ bases, which are zstd-coded and counted raw here: the archive is smaller by what
 from __future__ import annotations
 
 from .checkpoint import Checkpoint
-from .codecs import get_codec
-from .decompose import CodecSpec
+from .codecs import CodecSpec, get_codec
 from .detect import Found
 from .records import ExpertGroup
 from .safetensors_io import tensor_nbytes

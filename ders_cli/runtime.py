@@ -30,15 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .archive import ArchiveReader
-from .codecs import ExactDelta, LowRankCodec, SparseCodec, compute_dtype, get_codec
-from .codecs.lowrank import outer_sum
-from .codecs.mask import mask_positions
-from .codecs.sparse import densify, parse_seed
-from .constants import INDEX_SEED
-from .decompose import synthesize
+from .codecs import get_codec
 from .errors import InputError, UsageError
-from .expand import group_arrays
 from .families import ROLES
+from .groups import group_arrays, synthesize
 from .hf.archive_model import CONFIG_FILE, ArchiveModel, ExpertSlot, open_archive_model
 from .hf.skeleton import assign, quiet_transformers
 from .records import GroupRecord
@@ -46,9 +41,6 @@ from .safetensors_io import TORCH_DTYPES
 
 MODES = ("auto", "synthesize", "factored")
 GENERATION_FILE = "generation_config.json"
-# Sparse positions are cached when a member keeps at most 1/64 of its elements (8-byte indices
-# then cost at most 1/8 of the bytes of a full f32 member).
-POSITION_CACHE_RATIO = 64
 
 
 class StoredProjection(nn.Module):
@@ -66,7 +58,7 @@ class StoredProjection(nn.Module):
         self.suffixes = list(arrays)
         for k, v in arrays.items():
             self.register_buffer(f"arr_{k}", v)
-        self._positions: dict[int, torch.Tensor] = {}
+        self._cache: dict = {}  # what the codec derives from its parameters (positions)
 
     def _apply(self, fn: Any, recurse: bool = True) -> StoredProjection:
         # The stored tensors follow the model to another device but keep their dtype: their
@@ -87,41 +79,10 @@ class StoredProjection(nn.Module):
         arrays = {k: getattr(self, f"arr_{k}") for k in self.suffixes}
         return get_codec(self.codec).member_rows(arrays, self.params, member)
 
-    def _seeded(self) -> bool:
-        """A sparse projection whose positions come from seeds and whose values are raw: the
-        fast paths below apply (DeRS-SM archives, and ``ders compress --drop``)."""
-        return (self.codec == SparseCodec.name and "values" not in self.params
-                and self.params["index"] in (INDEX_SEED, "all"))
-
-    def _pos(self, member: int) -> torch.Tensor:
-        """The kept positions of a seeded sparse member, regenerated from its seed. Kept only
-        when they are few (DeRS-SM): at drop 0.9 they would outweigh the values they index."""
-        cached = self._positions.get(member)
-        if cached is not None:
-            if cached.device != self.base.device:  # the model was moved
-                self._positions[member] = cached = cached.to(self.base.device)
-            return cached
-        n, keep = self.base.numel(), self.params["keep"]
-        seed = parse_seed(self.params["seeds"][member]) if self.params["index"] == INDEX_SEED else 0
-        pos = torch.from_numpy(mask_positions(seed, n, keep).astype("int64")).to(self.base.device)
-        if keep * POSITION_CACHE_RATIO <= n:
-            self._positions[member] = pos
-        return pos
-
     def delta(self, member: int) -> torch.Tensor:
         """δ_member, flattened, in the compute dtype: zero where the codec leaves the base."""
-        cd = compute_dtype(self.dtype_name)
-        rows = self.rows(member)
-        if self.codec == LowRankCodec.name:
-            return outer_sum(rows["a"].to(cd), rows["b"].to(cd)).reshape(-1)
-        if self._seeded():
-            out = torch.zeros(self.base.numel(), dtype=cd, device=self.base.device)
-            return out.index_copy_(0, self._pos(member), rows["values"].to(cd))
-        decoded = get_codec(self.codec).decode(rows, self.params, member, self.base.numel(),
-                                               self.dtype_name)
-        if isinstance(decoded, ExactDelta):  # lossless: the member's bits, not a float delta
-            return self.weight(member).reshape(-1).to(cd) - self.base.reshape(-1).to(cd)
-        return densify(decoded, self.base.numel()).to(self.base.device)
+        return get_codec(self.codec).delta(self.rows(member), self.params, member, self.base,
+                                           self.dtype_name, self._cache)
 
     @property
     def members(self) -> int:
@@ -143,17 +104,9 @@ class StoredProjection(nn.Module):
                           self.dtype_name).view(self.shape)
 
     def apply_delta(self, x: torch.Tensor, member: int) -> torch.Tensor:
-        """x @ δ_member.T without building W_member."""
-        rows = self.rows(member)
-        if self.codec == LowRankCodec.name:
-            return F.linear(F.linear(x, rows["b"].to(x.dtype)), rows["a"].to(x.dtype))
-        if self._seeded() and x.shape[0] * self.params["keep"] < self.base.numel():
-            pos = self._pos(member)
-            cols = pos % self.shape[1]
-            contrib = x[:, cols] * rows["values"].to(x.dtype)
-            return x.new_zeros(x.shape[0], self.shape[0]).index_add_(1, pos // self.shape[1],
-                                                                     contrib)
-        return F.linear(x, self.delta(member).to(x.dtype).view(self.shape))
+        """x @ δ_member.T without building W_member (the codec's own way)."""
+        return get_codec(self.codec).apply(x, self.rows(member), self.params, member, self.base,
+                                           self.dtype_name, self._cache)
 
 
 class ExpertCache:
@@ -221,8 +174,8 @@ class ArchiveExperts(nn.Module):
         (two thin products cost less than synthesizing), synthesized elsewhere."""
         if mode != "auto":
             return mode
-        low_rank = all(p.codec == LowRankCodec.name for p in self.projections.values())
-        return "factored" if low_rank else "synthesize"
+        factored = all(get_codec(p.codec).factored for p in self.projections.values())
+        return "factored" if factored else "synthesize"
 
     @property
     def projections(self) -> dict[str, StoredProjection]:

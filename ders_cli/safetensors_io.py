@@ -22,21 +22,9 @@ import torch
 
 from . import safejson
 from .constants import COPY_CHUNK, DTYPE_BITS, HEADER_ALIGN, MAX_HEADER_BYTES
+from .dtypes import DTYPE_NAMES, TORCH_DTYPES  # noqa: F401 (DTYPE_NAMES: re-exported)
 from .errors import InputError
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 # No file has more bytes than a 64-bit offset reaches, so no tensor has more elements.
 MAX_ELEMENTS = 1 << 64
 

@@ -17,13 +17,12 @@ import torch
 
 from .archive import ArchiveReader
 from .checkpoint import Checkpoint, ShardFiles, open_checkpoint
-from .codecs import compute_dtype
-from .decompose import codec_label
+from .codecs import codec_label, compute_dtype
 from .detect import layer_of
 from .device import resolve_device
 from .errors import CorruptArchiveError
-from .expand import GroupArrays, group_arrays
 from .grouping import read_members
+from .groups import GroupArrays, Prefetch, group_arrays
 from .lanes import Lane, compute_threads, release_memory
 from .profile import stage
 from .progress import Reporter, Silent
@@ -148,19 +147,12 @@ def _verify_open(reader: ArchiveReader, ckpt: Checkpoint | None, report: VerifyR
     reporter.start("verify", reader.size, len(m.groups))
     files = ckpt.open() if ckpt is not None else None
     try:
-        with Lane("read", depth=1) as ahead_lane, Lane("check") as checker:
-            def fetch(i: int) -> _Fetched:
-                return _fetch(reader, groups[i], ckpt, files, device)
-
-            ahead = ahead_lane.submit(fetch, 0) if groups else None
-            done = 0
+        with Prefetch(groups, lambda g: _fetch(reader, g, ckpt, files, device)) as ahead, \
+                Lane("check") as checker:
             for entry in order:
                 report.stored_arrays += 1
                 if entry.name in group_of_base:
-                    fetched = ahead.result()
-                    done += 1
-                    if done < len(groups):
-                        ahead = ahead_lane.submit(fetch, done)
+                    fetched = next(ahead)
                     report.groups.append(_check_group(reader, fetched, report))
                     reporter.advance(entry.nbytes, 1)
                     del fetched
@@ -185,16 +177,16 @@ def _check_array(reader: ArchiveReader, name: str, ckpt: Checkpoint | None,
     t = m.tensors.get(name)
     # A passthrough tensor's stored sha256 is its record's (checked when the archive opened).
     if t is not None and t.group is None and files is not None and name in ckpt.where:
-        if _sha_of(files, ckpt, name) != t.sha256:
+        if _sha_of(files, name) != t.sha256:
             report.fail(f"tensor {name!r} differs from the archive's source")
         else:
             report.passthrough_exact += 1
     reporter.advance(reader.entry(name).nbytes)
 
 
-def _sha_of(files: ShardFiles, ckpt: Checkpoint, name: str) -> str:
+def _sha_of(files: ShardFiles, name: str) -> str:
     sha = hashlib.sha256()
-    for chunk in files.of(name).chunks(ckpt.entry(name)):
+    for chunk in files.chunks(name):
         sha.update(chunk)
     return sha.hexdigest()
 

@@ -95,8 +95,9 @@ def test_library_errors_speak_of_parameters(model):
 
 
 def test_choices_are_the_librarys():
-    from ders_cli.codecs.quant import METHODS
-    from ders_cli.codecs.sparse import MASKS, RESCALES
+    from ders_cli.constants import QUANT_METHODS as METHODS
+    from ders_cli.constants import SPARSE_MASKS as MASKS
+    from ders_cli.constants import SPARSE_RESCALES as RESCALES
     from ders_cli.training.upcycle import MODES
 
     assert {m.value for m in Mask} == set(MASKS)

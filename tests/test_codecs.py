@@ -10,11 +10,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ders_cli.codecs import QuantCodec, SparseCodec, compute_dtype
+from ders_cli.codecs import QuantCodec, QuantSpec, SparseCodec, SparseSpec, compute_dtype, densify
 from ders_cli.codecs.mask import mask_positions
 from ders_cli.codecs.quant import dequantize, num_groups, quantize
-from ders_cli.codecs.sparse import decode_values, densify, keep_count
-from ders_cli.decompose import QuantSpec, SparseSpec, encode_group, synthesize
+from ders_cli.codecs.sparse import decode_values, keep_count
+from ders_cli.decompose import encode_group
+from ders_cli.groups import synthesize
 from ders_cli.records import ExpertGroup, Member
 from ders_cli.safetensors_io import TORCH_DTYPES, tensor_bytes
 from ders_cli.stats import mean_base

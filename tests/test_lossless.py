@@ -35,8 +35,9 @@ from ders_cli.codecs.lossless import (
 )
 from ders_cli.codecs.planes import WORD_TYPES, pack, plane_bytes, unpack, words_of
 from ders_cli.constants import BASE_PLANES_ZSTD, DTYPE_BITS, FLOAT_FIELDS, HEADER_PREFIX
-from ders_cli.decompose import encode_group, synthesize
+from ders_cli.decompose import encode_group
 from ders_cli.errors import CorruptArchiveError
+from ders_cli.groups import synthesize
 from ders_cli.safetensors_io import TORCH_DTYPES, tensor_bytes
 from ders_cli.stats import mean_base
 from fixtures.layouts import LAYOUTS

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from ders_cli.codecs import LowRankCodec, compute_dtype, get_codec
 from ders_cli.codecs.lowrank import outer_sum
-from ders_cli.decompose import GivenEncoding, encode_group, measure_group, synthesize
+from ders_cli.decompose import GivenEncoding, encode_group, measure_group
+from ders_cli.groups import synthesize
 from ders_cli.records import ExpertGroup, Member
 from ders_cli.safetensors_io import TORCH_DTYPES, tensor_bytes
 

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from ders_cli import ArchiveReader, expand, verify
 from ders_cli.cli.app import app
-from ders_cli.expand import group_arrays
 from ders_cli.families import for_model_type
+from ders_cli.groups import group_arrays
 from ders_cli.training import DersProjection, SparseDelta, upcycle_model
 from ders_cli.training.archive_io import load_trainable, save_archive
 from fixtures.tiny_dense import save_tiny_dense, tiny_dense

@@ -38,8 +38,8 @@ from .options import (
 
 if TYPE_CHECKING:
     from ..choose import TargetSpec
+    from ..codecs import CodecSpec, SparseSpec
     from ..compress import CompressResult
-    from ..decompose import CodecSpec, SparseSpec
 
 ArchiveOut = Annotated[Path | None, out_option(
     "The archive to write (default: MODEL's name with .ders, beside MODEL, never inside a "
@@ -152,7 +152,7 @@ def quantize_cmd(
 
     One base per expert group plus each expert's delta quantized to K bits (DeRS
     quantization)."""
-    from ..decompose import QuantSpec
+    from ..codecs import QuantSpec
 
     _run(model, QuantSpec(bits, group_size, method.value), out_path, json, quiet, base=base,
          threshold=threshold, use_shared=not no_shared, all_groups=all_groups, device=device,
@@ -163,7 +163,7 @@ def compress_spec(drop: float | None, lossless: bool, target_size: str | None,
                   max_error: float | None, sparse: dict) -> CodecSpec | TargetSpec:
     """The library's setting for the one mode given (``sparse``: SparseSpec's other fields)."""
     from ..choose import TargetSpec, parse_fraction
-    from ..decompose import LosslessSpec, SparseSpec
+    from ..codecs import LosslessSpec, SparseSpec
 
     if drop is not None:
         return SparseSpec(drop, **sparse)

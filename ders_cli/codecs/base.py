@@ -1,19 +1,29 @@
-"""The interface every delta codec implements, and the registry that finds one by name.
+"""What a delta codec is, and the registry that finds one by name.
 
-A codec turns the deltas of a group's members (W_i - W_base) into a few stored arrays and back.
-Codecs are pure functions of tensors: no I/O, no knowledge of files or names. What a codec
-stores is fixed by its parameters before any data is read, so the archive can be planned.
+A codec is one class: the settings a user gives it (a ``CodecSpec`` and the ``options`` it
+declares), their validation and label, the parameters and arrays it stores for a group, the
+encoding of each member's delta and its decoding, and how a layer applies a stored delta to
+its input (``apply``) without building the member. Codecs are pure functions of tensors: no
+I/O, no knowledge of files. What a codec stores is fixed by its parameters before any data is
+read, so the archive can be planned.
+
+Adding a codec: one module here (its class and its spec), its section in docs/FORMAT.md and a
+golden archive in fixtures/golden (tests/test_codec_registry.py asks for all three).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ..constants import BASE_PLANES_ZSTD
+from ..dtypes import compute_dtype
+from ..errors import UsageError
 
 ArraySpec = tuple[str, tuple[int, ...]]  # (safetensors dtype, shape)
 
@@ -41,19 +51,95 @@ class ExactDelta(ABC):
 Decoded = torch.Tensor | SparseDelta | ExactDelta
 
 
-def compute_dtype(dtype: str) -> torch.dtype:
-    """Deltas and reconstructions are computed in f64 for F64 tensors, in f32 otherwise."""
-    return torch.float64 if dtype == "F64" else torch.float32
+def densify(decoded: Decoded, numel: int) -> torch.Tensor:
+    """A float delta as a dense tensor, zeros where it is not defined."""
+    if isinstance(decoded, torch.Tensor):
+        return decoded
+    out = torch.zeros(numel, dtype=decoded.values.dtype, device=decoded.values.device)
+    return out.index_copy_(0, decoded.positions, decoded.values)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a calibrated encoder knows of the inputs one member (expert) sees: the second
+    moment ``hessian`` = XᵀX of the projection's inputs, ``[in, in]`` float32, over ``tokens``
+    tokens. Encoders that ignore it write the same bytes as without it."""
+
+    hessian: torch.Tensor
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting a codec takes from a user: a field of its spec, and what the CLI builds a
+    flag from. ``name`` is the spec's field and the ``param`` of the errors about it;
+    ``default`` None with ``required`` means the user must give it; ``choices`` the values
+    allowed (None: any of ``type``, checked by the codec)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    required: bool = False
+
+
+class GroupShape(Protocol):
+    """What a spec needs to know of a group to give its parameters (an ``ExpertGroup``)."""
+
+    @property
+    def numel(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def members(self) -> Sequence[Any]: ...  # each with a ``label``
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """One codec's settings as a user gives them, before any data is read. Subclasses are
+    frozen dataclasses whose fields are their codec's ``options``, with a ``codec`` name."""
+
+    codec: ClassVar[str]
+
+    @property
+    def impl(self) -> type[DeltaCodec]:
+        return get_codec(self.codec)
+
+    def check(self) -> None:
+        """Raise UsageError (naming the parameter) when a setting is out of range."""
+        self.impl.check(self)
+
+    def settings(self) -> dict:
+        """The parameters that do not depend on a group, as a manifest records them."""
+        raise NotImplementedError
+
+    def params(self, group: GroupShape) -> dict:
+        """The codec parameters for ``group`` (before encoding: some are set by it)."""
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        """The setting's short name: "drop 0.9", "2-bit", "lossless"."""
+        return self.impl.label(self.settings())
 
 
 class DeltaCodec(ABC):
     """One way of storing the deltas of a group. Subclasses register themselves by ``name``."""
 
     name: ClassVar[str]
+    spec: ClassVar[type[CodecSpec]]
+    # The settings a user gives (the spec's fields), for the CLI's flags and its help.
+    options: ClassVar[tuple[Option, ...]] = ()
     # How the writer stores the group's base with this codec (docs/FORMAT.md, "Encoded bases"),
     # and the zstd level it uses (None: the optimal parser).
     base_encoding: ClassVar[str] = BASE_PLANES_ZSTD
     base_level: ClassVar[int | None] = 1
+    # Whether a layer computes best as x W_baseᵀ + ``apply`` rather than with the member
+    # synthesized (the runtime's "auto" mode): true where Δ is cheaper than W to apply.
+    factored: ClassVar[bool] = False
     registry: ClassVar[dict[str, type[DeltaCodec]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -61,18 +147,47 @@ class DeltaCodec(ABC):
         if "name" in vars(cls):  # not the abstract families (ExactCodec)
             DeltaCodec.registry[cls.name] = cls
 
+    # --- settings ------------------------------------------------------------------------------
+
+    @classmethod
+    def check(cls, spec: CodecSpec) -> None:
+        """Validate a user's settings: every declared choice here, ranges in subclasses."""
+        for opt in cls.options:
+            value = getattr(spec, opt.name)
+            if value is not None and opt.choices is not None and value not in opt.choices:
+                raise UsageError(f"{opt.name} must be one of "
+                                 f"{', '.join(map(str, opt.choices))}, got {value!r}",
+                                 param=opt.name)
+
+    @classmethod
+    @abstractmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        """A short human name of a setting, from its parameters (a manifest's, or a spec's
+        ``settings()``): "drop 0.9", "2-bit"."""
+
+    # --- what is stored ------------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def validate(cls, params: dict, members: int, numel: int) -> None:
+        """Raise ValueError when parameters (from a manifest or a user) are out of range."""
+
     @classmethod
     @abstractmethod
     def arrays(cls, params: dict, members: int, numel: int, dtype: str) -> dict[str, ArraySpec]:
         """The arrays stored for a group, by suffix: dtype and shape, before any data is read."""
 
+    # --- encoding ------------------------------------------------------------------------------
+
     @classmethod
     @abstractmethod
-    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int
+    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int,
+                      calib: Calibration | None = None
                       ) -> tuple[dict[str, torch.Tensor], Decoded]:
         """Encode one member's flattened delta (compute dtype). Returns its row of every array
         and the delta as decoding will see it, which may reuse ``delta``'s memory (the caller
-        gives up ``delta``): the writer measures reconstructions without decoding again."""
+        gives up ``delta``): the writer measures reconstructions without decoding again.
+        ``calib``: the member's inputs, for encoders that weigh errors by them."""
 
     @classmethod
     def combine(cls, rows: list[dict[str, torch.Tensor]], params: dict, numel: int
@@ -83,7 +198,7 @@ class DeltaCodec(ABC):
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}, params
 
     @classmethod
-    def member_rows(cls, arrays: dict[str, torch.Tensor], params: dict, member: int
+    def member_rows(cls, arrays: Mapping[str, torch.Tensor], params: dict, member: int
                     ) -> dict[str, torch.Tensor]:
         """One member's rows of the stored arrays (the inverse of ``combine``)."""
         return {k: v[member] for k, v in arrays.items()}
@@ -97,6 +212,8 @@ class DeltaCodec(ABC):
         rows = [cls.encode_member(d.clone(), dtype, params, i)[0] for i, d in enumerate(deltas)]
         return cls.combine(rows, params, deltas.shape[1])
 
+    # --- decoding ------------------------------------------------------------------------------
+
     @classmethod
     @abstractmethod
     def decode(cls, rows: dict[str, torch.Tensor], params: dict, member: int, numel: int,
@@ -104,10 +221,24 @@ class DeltaCodec(ABC):
         """The delta of one member (flattened, compute dtype) from its rows of the arrays:
         dense, or a SparseDelta when it is defined at some positions only."""
 
+    # --- a layer computing with the stored delta -----------------------------------------------
+
     @classmethod
-    @abstractmethod
-    def validate(cls, params: dict, members: int, numel: int) -> None:
-        """Raise ValueError when parameters (from a manifest or a user) are out of range."""
+    def delta(cls, rows: dict[str, torch.Tensor], params: dict, member: int, base: torch.Tensor,
+              dtype: str, cache: dict | None = None) -> torch.Tensor:
+        """Δ of one member, flattened, in the compute dtype, on the base's device: zero where
+        the codec leaves the base. ``cache``: a dict the caller keeps per group, where a codec
+        may keep what it derives from parameters alone (sparse positions)."""
+        return densify(cls.decode(rows, params, member, base.numel(), dtype),
+                       base.numel()).to(base.device)
+
+    @classmethod
+    def apply(cls, x: torch.Tensor, rows: dict[str, torch.Tensor], params: dict, member: int,
+              base: torch.Tensor, dtype: str, cache: dict | None = None) -> torch.Tensor:
+        """x @ Δᵀ for one member of a group of ``[out, in]`` matrices (``base``): what a layer
+        adds to x @ W_baseᵀ. Differentiable in ``rows`` (a trained model's deltas)."""
+        d = cls.delta(rows, params, member, base, dtype, cache)
+        return F.linear(x, d.to(x.dtype).view(base.shape))
 
 
 class ExactCodec(DeltaCodec):
@@ -122,9 +253,19 @@ class ExactCodec(DeltaCodec):
         same): its row of every array, and what decoding will give."""
 
     @classmethod
-    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int
+    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int,
+                      calib: Calibration | None = None
                       ) -> tuple[dict[str, torch.Tensor], Decoded]:
         raise TypeError(f"codec {cls.name!r} encodes members, not deltas: use encode_exact")
+
+    @classmethod
+    def delta(cls, rows: dict[str, torch.Tensor], params: dict, member: int, base: torch.Tensor,
+              dtype: str, cache: dict | None = None) -> torch.Tensor:
+        # The member's bits, not a float delta: Δ is what separates them from the base's.
+        flat = base.reshape(-1)
+        exact = cls.decode(rows, params, member, flat.numel(), dtype)
+        cd = compute_dtype(dtype)
+        return exact.apply(flat).to(cd) - flat.to(cd)
 
 
 def get_codec(name: str) -> type[DeltaCodec]:
@@ -132,3 +273,19 @@ def get_codec(name: str) -> type[DeltaCodec]:
         return DeltaCodec.registry[name]
     except KeyError:
         raise ValueError(f"unknown codec {name!r}") from None
+
+
+def codec_label(codec: Mapping[str, Any]) -> str:
+    """A short human name for a manifest codec record: "drop 0.9", "2-bit"."""
+    impl = DeltaCodec.registry.get(codec.get("name"))
+    return impl.label(codec.get("params", {})) if impl is not None else str(codec.get("name"))
+
+
+def spec_fields(spec: type[CodecSpec]) -> list[str]:
+    """The settings a spec class holds (its dataclass fields)."""
+    return [f.name for f in fields(spec)]
+
+
+__all__ = ["ArraySpec", "Calibration", "CodecSpec", "Decoded", "DeltaCodec", "ExactCodec",
+           "ExactDelta", "GroupShape", "Option", "SparseDelta", "codec_label", "compute_dtype",
+           "densify", "get_codec", "spec_fields"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..constants import BASE_RAW, DTYPE_BITS
+from ..dtypes import TORCH_DTYPES
 from ..profile import stage
-from ..safetensors_io import TORCH_DTYPES
 from .planes import pack, tensor_of, unpack, words_of
 
 

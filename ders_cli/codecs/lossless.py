@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ..constants import BASE_PLANES_ZSTD, CODEC_LOSSLESS, DTYPE_BITS, FLOAT_FIELDS
-from .base import ArraySpec, ExactCodec, ExactDelta
+from .base import ArraySpec, CodecSpec, ExactCodec, ExactDelta, GroupShape
 from .jit import kernel
 from .planes import frame_pool, tensor_of, unpack_planes, words_of
 
@@ -237,6 +239,10 @@ class LosslessCodec(ExactCodec):
         return {}
 
     @classmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        return "lossless"
+
+    @classmethod
     def validate(cls, params: dict, members: int, numel: int) -> None:
         offsets = params.get("offsets")
         if offsets is None and "offsets" not in params:
@@ -271,7 +277,7 @@ class LosslessCodec(ExactCodec):
         return {"residuals": torch.cat(frames)}, {**params, "offsets": offsets}
 
     @classmethod
-    def member_rows(cls, arrays: dict[str, torch.Tensor], params: dict, member: int
+    def member_rows(cls, arrays: Mapping[str, torch.Tensor], params: dict, member: int
                     ) -> dict[str, torch.Tensor]:
         begin, end = params["offsets"][member : member + 2]
         return {"residuals": arrays["residuals"][begin:end]}
@@ -294,3 +300,19 @@ def frame_of(row: dict[str, torch.Tensor | Future]) -> torch.Tensor:
         frame = torch.frombuffer(bytearray(frame.result()), dtype=torch.uint8)
         row["residuals"] = frame
     return frame
+
+
+@dataclass(frozen=True)
+class LosslessSpec(CodecSpec):
+    """Every expert bit for bit: the base plus a zstd-coded residual of each expert's bits."""
+
+    codec: ClassVar[str] = CODEC_LOSSLESS
+
+    def settings(self) -> dict:
+        return LosslessCodec.params()
+
+    def params(self, group: GroupShape) -> dict:
+        return LosslessCodec.params()
+
+
+LosslessCodec.spec = LosslessSpec

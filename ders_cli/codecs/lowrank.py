@@ -11,11 +11,17 @@ dtype, in order j = 0 .. r-1, starting from +0 (docs/FORMAT.md, "lowrank").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
+import torch.nn.functional as F
 
 from ..constants import CODEC_LOWRANK
-from ..safetensors_io import TORCH_DTYPES
-from .base import ArraySpec, DeltaCodec, compute_dtype
+from ..dtypes import TORCH_DTYPES, compute_dtype
+from ..errors import UsageError
+from .base import ArraySpec, Calibration, CodecSpec, DeltaCodec, GroupShape, Option
 
 
 def outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,8 +34,13 @@ def outer_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def factorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-``rank`` approximation of a 2-D delta, as (A = U S, B = V^T), in f64."""
+    """The best rank-``rank`` approximation of a 2-D delta, as (A = U S, B = V^T), in f64.
+    Each singular pair's sign is fixed (the largest |entry| of U's column positive): the SVD
+    leaves it to the LAPACK build, the archive's bytes should not."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    sign[sign == 0] = 1
+    u, vh = u * sign, vh * sign.reshape(-1, 1)
     r = min(rank, s.numel())
     a = torch.zeros((delta.shape[0], rank), dtype=torch.float64)
     b = torch.zeros((rank, delta.shape[1]), dtype=torch.float64)
@@ -47,6 +58,18 @@ class LowRankCodec(DeltaCodec):
     member (``numel / rows`` is the second)."""
 
     name = CODEC_LOWRANK
+    factored = True  # two thin products per token: far cheaper than synthesizing W
+    options = (Option("rank", int, None, "Rank of each delta (a truncated SVD).",
+                      required=True),)
+
+    @classmethod
+    def check(cls, spec: LowRankSpec) -> None:  # type: ignore[override]
+        if not _is_int(spec.rank) or spec.rank < 1:
+            raise UsageError(f"rank must be a positive integer, got {spec.rank!r}", param="rank")
+
+    @classmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        return f"rank {params.get('rank')}"
 
     @classmethod
     def params(cls, rank: int, rows: int) -> dict:
@@ -66,7 +89,8 @@ class LowRankCodec(DeltaCodec):
         return {"a": (dtype, (members, rows, rank)), "b": (dtype, (members, rank, numel // rows))}
 
     @classmethod
-    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int
+    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int,
+                      calib: Calibration | None = None
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         a, b = factorize(delta.reshape(params["rows"], -1), params["rank"])
         out_dtype = TORCH_DTYPES[dtype]
@@ -79,3 +103,33 @@ class LowRankCodec(DeltaCodec):
                dtype: str) -> torch.Tensor:
         cd = compute_dtype(dtype)
         return outer_sum(rows["a"].to(cd), rows["b"].to(cd)).reshape(-1)
+
+    @classmethod
+    def delta(cls, rows: dict[str, torch.Tensor], params: dict, member: int, base: torch.Tensor,
+              dtype: str, cache: dict | None = None) -> torch.Tensor:
+        cd = compute_dtype(dtype)
+        return outer_sum(rows["a"].to(cd), rows["b"].to(cd)).reshape(-1)
+
+    @classmethod
+    def apply(cls, x: torch.Tensor, rows: dict[str, torch.Tensor], params: dict, member: int,
+              base: torch.Tensor, dtype: str, cache: dict | None = None) -> torch.Tensor:
+        # Two thin products, never the [out, in] delta.
+        return F.linear(F.linear(x, rows["b"].to(x.dtype)), rows["a"].to(x.dtype))
+
+
+@dataclass(frozen=True)
+class LowRankSpec(CodecSpec):
+    """Each delta as its best rank-``rank`` approximation (truncated SVD) of the member's
+    ``[shape[0], numel / shape[0]]`` view. DeRS-LM training stores its factors directly."""
+
+    codec: ClassVar[str] = CODEC_LOWRANK
+    rank: int
+
+    def settings(self) -> dict:
+        return {"rank": self.rank}
+
+    def params(self, group: GroupShape) -> dict:
+        return LowRankCodec.params(self.rank, group.shape[0])
+
+
+LowRankCodec.spec = LowRankSpec

@@ -12,12 +12,25 @@ operations (never fused), so every platform gives the same bits.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import numpy as np
 import torch
 
-from ..constants import CODEC_QUANT, QUANT_BITS, QUANT_PARAM_DTYPE
-from ..safetensors_io import TORCH_DTYPES
-from .base import ArraySpec, DeltaCodec, compute_dtype
+from ..constants import (
+    CODEC_QUANT,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_QUANT_METHOD,
+    QUANT_BITS,
+    QUANT_METHODS,
+    QUANT_PARAM_DTYPE,
+    RECORDED_QUANT_METHOD,
+)
+from ..dtypes import TORCH_DTYPES, compute_dtype
+from ..errors import UsageError
+from .base import ArraySpec, Calibration, CodecSpec, DeltaCodec, GroupShape, Option
 from .bitpack import pack, packed_nbytes, unpack
 from .jit import kernel
 
@@ -45,7 +58,6 @@ def _reconstruct(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | No
     return (offset.to(q.dtype)[:, None] + q * sc).reshape(-1)[:numel]
 
 
-METHODS = ("rtn", "mse")
 SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.5)
 REFITS = 2
 
@@ -296,12 +308,32 @@ def quant_arrays(bits: int, group_size: int, members: int, numel: int) -> dict[s
 
 
 class QuantCodec(DeltaCodec):
-    """Parameters: ``bits`` (1, 2, 3, 4 or 8) and ``group_size``."""
+    """Parameters: ``bits`` (1, 2, 3, 4 or 8), ``group_size`` and ``method`` (informative)."""
 
     name = CODEC_QUANT
+    options = (
+        Option("bits", int, None, "Bits per delta element: 1, 2, 3, 4 or 8.", QUANT_BITS,
+               required=True),
+        Option("group_size", int, DEFAULT_GROUP_SIZE,
+               "Elements sharing one quantization scale and offset."),
+        Option("method", str, DEFAULT_QUANT_METHOD, "mse: clip search and least-squares "
+               "scales (less error); rtn: min/max round to nearest (faster).", QUANT_METHODS),
+    )
 
     @classmethod
-    def params(cls, bits: int, group_size: int, method: str = "rtn") -> dict:
+    def check(cls, spec: QuantSpec) -> None:  # type: ignore[override]
+        super().check(spec)
+        if spec.group_size < 1:
+            raise UsageError(f"group_size must be at least 1, got {spec.group_size}",
+                             param="group_size")
+
+    @classmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        method = params.get("method", RECORDED_QUANT_METHOD)
+        return f"{params.get('bits')}-bit" + ("" if method == "mse" else f" {method}")
+
+    @classmethod
+    def params(cls, bits: int, group_size: int, method: str = RECORDED_QUANT_METHOD) -> dict:
         return {"bits": bits, "group_size": group_size, "method": method}
 
     @classmethod
@@ -311,7 +343,7 @@ class QuantCodec(DeltaCodec):
             raise ValueError(f"quant bits must be one of {QUANT_BITS}, got {bits!r}")
         if not isinstance(gs, int) or isinstance(gs, bool) or gs < 1:
             raise ValueError(f"quant group_size must be a positive integer, got {gs!r}")
-        if params.get("method", "rtn") not in METHODS:
+        if params.get("method", RECORDED_QUANT_METHOD) not in QUANT_METHODS:
             raise ValueError(f"unknown quant method {params.get('method')!r}")
 
     @classmethod
@@ -319,10 +351,11 @@ class QuantCodec(DeltaCodec):
         return quant_arrays(params["bits"], params["group_size"], members, numel)
 
     @classmethod
-    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int
+    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int,
+                      calib: Calibration | None = None
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         codes, scale, offset, decoded = quantize(delta, params["bits"], params["group_size"],
-                                                 params.get("method", "rtn"))
+                                                 params.get("method", RECORDED_QUANT_METHOD))
         row = {"codes": codes, "scale": scale}
         if offset is not None:
             row["offset"] = offset
@@ -333,3 +366,23 @@ class QuantCodec(DeltaCodec):
                dtype: str) -> torch.Tensor:
         return dequantize(rows["codes"], rows["scale"], rows.get("offset"), params["bits"],
                           params["group_size"], numel, compute_dtype(dtype))
+
+
+@dataclass(frozen=True)
+class QuantSpec(CodecSpec):
+    """DeRS quantization of each delta to ``bits`` bits, per group of ``group_size`` elements;
+    ``method`` "mse" (default: clip search and least-squares refit) or "rtn" (min/max)."""
+
+    codec: ClassVar[str] = CODEC_QUANT
+    bits: int
+    group_size: int = DEFAULT_GROUP_SIZE
+    method: str = DEFAULT_QUANT_METHOD
+
+    def settings(self) -> dict:
+        return QuantCodec.params(self.bits, self.group_size, self.method)
+
+    def params(self, group: GroupShape) -> dict:
+        return self.settings()
+
+
+QuantCodec.spec = QuantSpec

@@ -19,26 +19,50 @@ fixed index vector of that length (DeRS-SM) matches.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ..constants import CODEC_SPARSE, INDEX_ALL, INDEX_SEED, QUANT_BITS
-from ..safetensors_io import TORCH_DTYPES
-from .base import ArraySpec, Decoded, DeltaCodec, SparseDelta, compute_dtype
+from ..constants import (
+    CODEC_SPARSE,
+    DEFAULT_GROUP_SIZE,
+    INDEX_ALL,
+    INDEX_BITMAP,
+    INDEX_GAPS,
+    INDEX_SEED,
+    QUANT_BITS,
+    SPARSE_MASKS,
+    SPARSE_RESCALES,
+)
+from ..dtypes import TORCH_DTYPES, compute_dtype
+from ..errors import UsageError
+from .base import (
+    ArraySpec,
+    Calibration,
+    CodecSpec,
+    Decoded,
+    DeltaCodec,
+    GroupShape,
+    Option,
+    SparseDelta,
+)
 from .bitpack import packed_nbytes
 from .index import bitmap_decode, bitmap_encode, gaps_decode, gaps_encode
 from .mask import positions_on
 from .quant import dequantize, quant_arrays, quantize
 
 _SEED = re.compile("[0-9a-f]{16}")
-INDEX_BITMAP = "bitmap"
-INDEX_GAPS = "gaps"
-MASKS = ("random", "magnitude")
-RESCALES = ("inverse", "none", "norm")
+# A seeded member's positions are cached (``cache`` of ``delta``/``apply``) when it keeps at
+# most 1/64 of its elements: 8-byte indices then cost at most 1/8 of a full f32 member.
+POSITION_CACHE_RATIO = 64
 
 
 def keep_count(numel: int, drop: float) -> int:
@@ -76,14 +100,6 @@ def decode_values(values: torch.Tensor, seed: int, numel: int,
     return SparseDelta(positions, values.to(out_dtype))
 
 
-def densify(decoded: Decoded, numel: int) -> torch.Tensor:
-    """A decoded delta as a dense tensor, zeros where it is not defined."""
-    if isinstance(decoded, torch.Tensor):
-        return decoded
-    out = torch.zeros(numel, dtype=decoded.values.dtype, device=decoded.values.device)
-    return out.index_copy_(0, decoded.positions, decoded.values)
-
-
 def parse_seed(text: str) -> int:
     if not isinstance(text, str) or not _SEED.fullmatch(text):
         raise ValueError(f"a seed is 16 lowercase hex digits, got {str(text)[:20]!r}")
@@ -96,14 +112,78 @@ class SparseCodec(DeltaCodec):
     (with "gaps": N+1 byte offsets into the index array), ``values`` (optional quantization)."""
 
     name = CODEC_SPARSE
+    options = (
+        Option("drop", float, None, "Fraction of each delta to drop, in [0, 1).",
+               required=True),
+        Option("seed", int, 0, "Seed of the random masks."),
+        Option("mask", str, "random", "random: the paper's seeded mask (nothing stored but a "
+               "seed); magnitude: the largest deltas (positions stored).", SPARSE_MASKS),
+        Option("rescale", str, None, "Scale of the kept values: inverse (by 1/(1-p), "
+               "unbiased; default for random masks), none (default for magnitude masks), norm "
+               "(the delta keeps its norm).", SPARSE_RESCALES),
+        Option("value_bits", int, None, "Also quantize the kept values to this many bits "
+               "(1, 2, 3, 4, 8).", QUANT_BITS),
+        Option("value_group", int, DEFAULT_GROUP_SIZE,
+               "Kept values sharing one quantization scale and offset."),
+    )
+
+    @classmethod
+    def check(cls, spec: SparseSpec) -> None:  # type: ignore[override]
+        if not 0.0 <= spec.drop < 1.0:
+            raise UsageError(f"drop must be in [0, 1), got {spec.drop}", param="drop")
+        if not 0 <= spec.seed < 2**63:
+            raise UsageError(f"seed must be in [0, 2^63), got {spec.seed}", param="seed")
+        super().check(spec)
+        if spec.value_bits is not None and spec.value_group < 1:
+            raise UsageError(f"value_group must be at least 1, got {spec.value_group}",
+                             param="value_group")
+
+    @classmethod
+    def label(cls, params: Mapping[str, Any]) -> str:
+        """"drop 0.9", "drop 0.9 magnitude", "drop 0.9 +4-bit", ... (defaults left out)."""
+        mask, rescale = params.get("mask", "random"), params.get("rescale")
+        label = f"drop {params.get('drop', 0.0):g}"
+        if mask != "random":
+            label += f" {mask}"
+        if rescale is not None and rescale != default_rescale(mask):
+            label += f" rescale {rescale}"
+        values = params.get("values") or {}
+        if values.get("bits") is not None:
+            label += f" +{values['bits']}-bit"
+        return label
+
+    @classmethod
+    def member_seeds(cls, seed: int, labels: Sequence[str]) -> list[int]:
+        """A mask seed per member, from the user's seed and the member's name: distinct masks
+        for every expert, and the same archive for the same inputs."""
+        out = []
+        for label in labels:
+            digest = hashlib.sha256(f"ders-mask:{seed}:{label}".encode()).digest()
+            out.append(int.from_bytes(digest[:8], "little"))
+        return out
+
+    @classmethod
+    def seed_of(cls, params: Mapping[str, Any], member: int) -> int:
+        """The mask seed of a member of a seeded (or keep-all) group."""
+        return parse_seed(params["seeds"][member]) if params["index"] == INDEX_SEED else 0
+
+    @classmethod
+    def trained_params(cls, keep: int, numel: int, seeds: list[int], drop: float | None = None
+                       ) -> dict:
+        """The parameters of deltas trained at ``keep`` seeded positions (DeRS-SM): the rate
+        only labels the setting, ``keep`` is what was trained."""
+        params = cls.params(1.0 - keep / numel if drop is None else drop, numel, seeds)
+        params["keep"] = keep
+        params["index"] = INDEX_ALL if keep == numel else INDEX_SEED
+        return params
 
     @classmethod
     def params(cls, drop: float, numel: int, seeds: list[int], mask: str = "random",
                rescale: str | None = None, value_bits: int | None = None,
-               value_group: int = 128) -> dict:
+               value_group: int = DEFAULT_GROUP_SIZE) -> dict:
         keep = keep_count(numel, drop)
         out: dict = {"drop": drop, "keep": keep, "mask": mask,
-                     "rescale": rescale or ("inverse" if mask == "random" else "none")}
+                     "rescale": rescale or default_rescale(mask)}
         if keep == numel:
             out["index"] = INDEX_ALL
         elif mask == "random":
@@ -126,9 +206,9 @@ class SparseCodec(DeltaCodec):
             raise ValueError(f"unknown sparse index encoding {index!r}")
         if (index == INDEX_ALL) != (keep == numel):
             raise ValueError("sparse index 'all' is used exactly when every element is kept")
-        if params.get("mask", "random") not in MASKS:
+        if params.get("mask", "random") not in SPARSE_MASKS:
             raise ValueError(f"unknown sparse mask {params.get('mask')!r}")
-        if params.get("rescale", "inverse") not in RESCALES:
+        if params.get("rescale", "inverse") not in SPARSE_RESCALES:
             raise ValueError(f"unknown sparse rescale {params.get('rescale')!r}")
         if index == INDEX_SEED:
             seeds = params.get("seeds")
@@ -163,7 +243,8 @@ class SparseCodec(DeltaCodec):
         return out
 
     @classmethod
-    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int
+    def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int,
+                      calib: Calibration | None = None
                       ) -> tuple[dict[str, torch.Tensor], Decoded]:
         keep, numel = params["keep"], delta.numel()
         vq = params.get("values")
@@ -215,7 +296,7 @@ class SparseCodec(DeltaCodec):
         return arrays, params
 
     @classmethod
-    def member_rows(cls, arrays: dict[str, torch.Tensor], params: dict, member: int
+    def member_rows(cls, arrays: Mapping[str, torch.Tensor], params: dict, member: int
                     ) -> dict[str, torch.Tensor]:
         rows = {k: v[member] for k, v in arrays.items() if k != "index"}
         if params["index"] == INDEX_BITMAP:
@@ -245,6 +326,90 @@ class SparseCodec(DeltaCodec):
         if keep and pos[-1] >= numel:  # gaps are ascending by construction; bitmaps hold < n
             raise ValueError(f"index holds position {pos[-1]}, past the member's {numel}")
         return SparseDelta(torch.from_numpy(pos).to(values.device), values.to(cd))
+
+    @classmethod
+    def _seeded(cls, params: Mapping[str, Any]) -> bool:
+        """Positions from seeds and values as they are (DeRS-SM archives, ``--drop``): a layer
+        can compute on the kept positions alone."""
+        return "values" not in params and params["index"] in (INDEX_SEED, INDEX_ALL)
+
+    @classmethod
+    def _positions(cls, params: Mapping[str, Any], member: int, numel: int,
+                   device: torch.device, cache: dict | None) -> torch.Tensor:
+        """A seeded member's kept positions, regenerated from its seed; kept in ``cache`` only
+        when they are few (DeRS-SM): at drop 0.9 they would outweigh the values they index."""
+        cached = cache.get(member) if cache is not None else None
+        if cached is not None:
+            if cached.device != device:  # the model was moved
+                cache[member] = cached = cached.to(device)
+            return cached
+        keep = params["keep"]
+        pos = positions_on(cls.seed_of(params, member), numel, keep, torch.device("cpu"))
+        pos = pos.to(torch.int64).to(device)
+        if cache is not None and keep * POSITION_CACHE_RATIO <= numel:
+            cache[member] = pos
+        return pos
+
+    @classmethod
+    def delta(cls, rows: dict[str, torch.Tensor], params: dict, member: int, base: torch.Tensor,
+              dtype: str, cache: dict | None = None) -> torch.Tensor:
+        if not cls._seeded(params):
+            return super().delta(rows, params, member, base, dtype, cache)
+        cd = compute_dtype(dtype)
+        out = torch.zeros(base.numel(), dtype=cd, device=base.device)
+        pos = cls._positions(params, member, base.numel(), base.device, cache)
+        return out.index_copy_(0, pos, rows["values"].to(cd))
+
+    @classmethod
+    def apply(cls, x: torch.Tensor, rows: dict[str, torch.Tensor], params: dict, member: int,
+              base: torch.Tensor, dtype: str, cache: dict | None = None) -> torch.Tensor:
+        n_out, n_in = base.shape
+        if cls._seeded(params) and x.shape[0] * params["keep"] < base.numel():
+            # Few tokens or a very sparse delta: touch only the kept positions.
+            pos = cls._positions(params, member, base.numel(), base.device, cache)
+            contrib = x[:, pos % n_in] * rows["values"].to(x.dtype)
+            return x.new_zeros(x.shape[0], n_out).index_add_(1, pos // n_in, contrib)
+        d = cls.delta(rows, params, member, base, dtype, cache)
+        return F.linear(x, d.to(x.dtype).view(base.shape))
+
+
+def default_rescale(mask: str) -> str:
+    """Random masks keep the paper's unbiased scaling; magnitude ones keep values as they are."""
+    return "inverse" if mask == "random" else "none"
+
+
+@dataclass(frozen=True)
+class SparseSpec(CodecSpec):
+    """DeRS sparsification: drop a fraction ``drop`` of each delta.
+
+    ``mask``: "random" (the paper's, regenerated from a seed) or "magnitude" (the largest
+    |delta|, positions stored). ``rescale`` of the kept values: "inverse" (n/k, the paper's),
+    "none" or "norm"; default "inverse" for random masks, "none" for magnitude ones.
+    ``value_bits``: quantize the kept values too (drop then quantize), per ``value_group``.
+    """
+
+    codec: ClassVar[str] = CODEC_SPARSE
+    drop: float
+    seed: int = 0
+    mask: str = "random"
+    rescale: str | None = None
+    value_bits: int | None = None
+    value_group: int = DEFAULT_GROUP_SIZE
+
+    def settings(self) -> dict:
+        out: dict = {"drop": self.drop, "mask": self.mask,
+                     "rescale": self.rescale or default_rescale(self.mask)}
+        if self.value_bits is not None:
+            out["values"] = {"bits": self.value_bits, "group_size": self.value_group}
+        return out
+
+    def params(self, group: GroupShape) -> dict:
+        seeds = SparseCodec.member_seeds(self.seed, [m.label for m in group.members])
+        return SparseCodec.params(self.drop, group.numel, seeds, self.mask, self.rescale,
+                                  self.value_bits, self.value_group)
+
+
+SparseCodec.spec = SparseSpec
 
 
 def _scale(rescale: str, delta: torch.Tensor, kept: torch.Tensor, numel: int, keep: int

@@ -20,13 +20,12 @@ from torch import nn
 
 from ..archive import ArchiveReader
 from ..codecs import LowRankCodec, SparseCodec
-from ..codecs.sparse import parse_seed
 from ..compress import CompressResult, compress
-from ..constants import INDEX_SEED
 from ..decompose import GivenEncoding
+from ..dtypes import DTYPE_NAMES, TORCH_DTYPES
 from ..errors import InputError, UsageError
-from ..expand import group_arrays
 from ..families import ROLES, for_model_type
+from ..groups import group_arrays
 from ..hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
 from ..hf.saving import use_ders_folders
 from ..hf.side_files import attach, carried, read_side_files, write_side_files
@@ -41,7 +40,6 @@ from ..outputs import check_new_output
 from ..progress import Reporter
 from ..records import ExpertGroup, Member
 from ..runtime import ArchiveExperts, ArchiveSharedExpert
-from ..safetensors_io import DTYPE_NAMES, TORCH_DTYPES
 from .deltas import LowRankDelta, SparseDelta
 from .experts import DersExperts, DersProjection, DersSharedExpert
 from .upcycle import UpcycleSpec, upcycle_model
@@ -189,10 +187,8 @@ def _load_projection(am: ArchiveModel, slot: ExpertSlot, dtype: torch.dtype) -> 
         raise InputError(f"group {g.key!r}: members are not 2-D", r.path)
     out_f, in_f = g.shape
     if g.codec["name"] == SparseCodec.name:
-        seeds = [parse_seed(s) if params["index"] == INDEX_SEED else 0
-                 for s in params.get("seeds", ["0" * 16] * len(g.members))]
-        deltas = [SparseDelta(out_f, in_f, params["keep"], seeds[i], dtype, arrays["values"][i])
-                  for i in range(len(g.members))]
+        deltas = [SparseDelta(out_f, in_f, params["keep"], SparseCodec.seed_of(params, i), dtype,
+                              arrays["values"][i]) for i in range(len(g.members))]
         return DersProjection(base, deltas, drop=params.get("drop"))
     if g.codec["name"] == LowRankCodec.name:
         deltas = [LowRankDelta(arrays["a"][i], arrays["b"][i]) for i in range(len(g.members))]

@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codecs import LowRankCodec, SparseCodec
-from ..constants import INDEX_ALL, INDEX_SEED
-from ..decompose import synthesize
-from ..safetensors_io import DTYPE_NAMES
+from ..dtypes import DTYPE_NAMES
+from ..groups import synthesize
 from .deltas import LowRankDelta, SparseDelta
 
 
@@ -47,11 +46,8 @@ class DersProjection(nn.Module):
         out_f, in_f = self.base.shape
         first = self.deltas[0]
         if isinstance(first, SparseDelta):
-            n, keep = out_f * in_f, first.keep
-            params = SparseCodec.params(1.0 - keep / n if self.drop is None else self.drop, n,
-                                        [d.seed for d in self.deltas])
-            params["keep"] = keep  # the rate only labels the setting; k is what was trained
-            params["index"] = INDEX_ALL if keep == n else INDEX_SEED
+            params = SparseCodec.trained_params(first.keep, out_f * in_f,
+                                                [d.seed for d in self.deltas], self.drop)
             values = torch.stack([d.values.detach() for d in self.deltas]).cpu()
             return SparseCodec.name, params, {"values": values.to(self.base.dtype)}
         params = LowRankCodec.params(first.rank, out_f)
