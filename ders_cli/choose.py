@@ -1,24 +1,34 @@
-"""``--max-error`` and ``--target-size``: a setting per group instead of one for all.
+"""What compress decides per group: its setting, and whether it is an upcycled group at all.
 
-Both walk one ladder of settings, ordered by the bytes they store and measured on real
-upcycled weights to be ordered by error the other way (bench/quality.py): 1% of each delta
-kept unscaled in 4 bits (close to the base alone, at 0.04 bits an element), then 1, 2, 3, 4
-and 8 bits. Every rung has a random mask or none, so its size is known before encoding (bases
-counted raw: the archive comes out smaller by what coding them saves).
+A setting per group instead of one for all: ``--max-error`` and ``--target-size`` walk one
+ladder of settings, ordered by the bytes they store and measured on real upcycled weights to be
+ordered by error the other way (bench/quality.py): 1% of each delta kept unscaled in 4 bits
+(close to the base alone, at 0.04 bits an element), then 1, 2, 3, 4 and 8 bits. Every rung has
+a random mask or none, so its size is known before encoding (bases counted raw: the archive
+comes out smaller by what coding them saves).
 
 ``--max-error E`` encodes a group at each rung from the cheapest up and keeps the first whose
 every member is within E, or lossless storage when that is smaller (or nothing else is within
-E). ``--target-size F`` needs no trial: stored sizes are known before
-any data is read, so the budget left after everything that passes through is spread over the
-groups, each taking the richest rung that fits.
+E). ``--target-size F`` needs no trial: stored sizes are known before any data is read, so the
+budget left after everything that passes through is spread over the groups, each taking the
+richest rung that fits.
+
+A group is decomposed only when every member is close to its base (cosine ``threshold`` or
+more, measured by the encoder on the way): experts trained from scratch lose far more to a
+delta codec than upcycled ones, so they are stored as they are unless ``all_groups``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
 
 from .checkpoint import Checkpoint
-from .codecs import CodecSpec, QuantSpec, SparseSpec
+from .codecs import CodecSpec, LosslessSpec, QuantSpec, SparseSpec
+from .decompose import EncodedGroup, GivenEncoding
 from .detect import Found, with_members
 from .errors import InputError, UsageError
 from .plan import estimate_header, group_bytes
@@ -98,3 +108,78 @@ def plan_target(ckpt: Checkpoint, found: Found, fraction: float) -> dict[str, Co
                 level[i] += 1
                 spent += extra
     return {g.key: LADDER[lv] for g, lv in zip(found.groups, level, strict=True)}
+
+
+class Trial(NamedTuple):
+    """A group encoded with one setting: the encoding and its stored base (array, dtype)."""
+
+    setting: CodecSpec | GivenEncoding
+    encoded: EncodedGroup
+    base: torch.Tensor
+    base_dtype: str
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.base.numel() * self.base.element_size() + sum(
+            t.numel() * t.element_size() for t in self.encoded.arrays.values())
+
+
+@dataclass(frozen=True)
+class NotUpcycled:
+    """A group with a member too far from its base, and what becomes of it."""
+
+    reason: str
+    stored_as_is: bool  # False with all_groups: compressed anyway
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The decisions of one compress run: ``spec`` for every group or per group (a TargetSpec,
+    with ``planned`` rungs for --target-size), and the upcycled test (``threshold``,
+    ``all_groups``)."""
+
+    spec: CodecSpec | TargetSpec
+    threshold: float
+    all_groups: bool
+    planned: Mapping[str, CodecSpec] = field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, ckpt: Checkpoint, found: Found, spec: CodecSpec | TargetSpec,
+                threshold: float, all_groups: bool) -> Policy:
+        """The policy for ``spec``; --target-size plans every group's rung here, before any
+        weight is read."""
+        planned: Mapping[str, CodecSpec] = {}
+        if isinstance(spec, TargetSpec) and spec.target_size is not None:
+            planned = plan_target(ckpt, found, spec.target_size)
+        return cls(spec, threshold, all_groups, planned)
+
+    def verdict(self, cos_to_base: Sequence[float]) -> NotUpcycled | None:
+        """None for an upcycled group; otherwise why not, and whether it is stored as it is."""
+        worst = min(cos_to_base)
+        if worst >= self.threshold:
+            return None
+        return NotUpcycled(f"not upcycled: an expert has cosine {worst:.4f} to the base "
+                           f"(< {self.threshold})", not self.all_groups)
+
+    def choose(self, key: str, encode: Callable[[CodecSpec], Trial]) -> Trial:
+        """The encoding of group ``key``: with the setting asked for, the one planned for
+        --target-size, or for --max-error the cheapest rung of the ladder within it, or
+        lossless when that stores fewer bytes."""
+        if not isinstance(self.spec, TargetSpec):
+            return encode(self.spec)
+        if self.spec.max_error is None:
+            return encode(self.planned[key])
+        met = len(LADDER)  # the rung that meets the limit; past the end when none does
+        for i, spec in enumerate(LADDER):
+            trial = encode(spec)
+            verdict = self.verdict(trial.encoded.cos_to_base)
+            if verdict is not None and verdict.stored_as_is:
+                return trial  # not upcycled: stored as it is whatever the setting
+            if max(trial.encoded.rel_error) <= self.spec.max_error:
+                met = i
+                break
+        if met >= LOSSLESS_FROM:  # the rungs of 2 bits and up can lose to lossless in size
+            exact = encode(LosslessSpec())
+            if met == len(LADDER) or exact.stored_bytes < trial.stored_bytes:
+                return exact
+        return trial

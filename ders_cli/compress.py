@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from .archive import ArchiveWriter, index_path, parse_size
-from .checkpoint import Checkpoint, ShardFiles, is_model_folder, open_checkpoint
-from .choose import LADDER, LOSSLESS_FROM, TargetSpec, plan_target
-from .codecs import CodecSpec, LosslessSpec, get_codec
+from .checkpoint import Checkpoint, is_model_folder, open_checkpoint
+from .choose import Policy, TargetSpec, Trial
+from .codecs import CodecSpec, get_codec
 from .codecs.bases import stored_base
 from .constants import (
     BASE_RAW,
@@ -29,18 +29,13 @@ from .constants import (
     SHARD_HEADER_NAME,
     SIDE_FILE_NAME,
 )
-from .decompose import (
-    EncodedGroup,
-    GivenEncoding,
-    NonFiniteMember,
-    encode_group,
-    measure_group,
-)
+from .decompose import GivenEncoding, NonFiniteMember, encode_group, measure_group
 from .dense_base import DenseMatcher
 from .detect import Found, find_groups, nothing_to_compress, quantized_summary
 from .device import resolve_device
 from .errors import InputError, UsageError
 from .grouping import Fetched, LoadedGroup, fetch_group, non_finite, prepare_group
+from .groups import Prefetch, TensorSource
 from .lanes import Lane, compute_threads, release_memory
 from .outputs import check_new_output, output_path, sweep_leftovers, writing
 from .plan import estimate_header, estimate_table, units
@@ -118,7 +113,8 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
              given: Sequence[GivenEncoding] = (),
              max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
-    LosslessSpec) or one chosen per group (TargetSpec: --max-error, --target-size).
+    LosslessSpec, LowRankSpec) or one chosen per group (TargetSpec: --max-error,
+    --target-size).
 
     ``base``: "mean" or a dense checkpoint. A group is decomposed when every member has cosine
     ``threshold`` or more to its base; other groups are stored as they are, unless
@@ -133,24 +129,41 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     archive larger than this is written as shards and an index named after ``out``
     (docs/FORMAT.md 10); the result's ``archive`` is then the index.
     """
-    if (spec is None) == (not given):
-        raise UsageError("compress needs a codec setting or given encodings, not both")
-    if spec is not None:
-        spec.check()
-    where = resolve_device(device)
-    limit = None if max_shard_size is None else parse_size(max_shard_size)
-    if not 0.0 <= threshold <= 1.0:
-        raise UsageError(f"threshold must be in [0, 1], got {threshold}", param="threshold")
-    reporter = reporter or Silent()
+    _check_settings(spec, given, threshold, device, max_shard_size)
     ckpt = open_checkpoint(model)
+    dest = Path(out) if out is not None else default_archive_path(ckpt, model)
+    with ckpt.open() as files:
+        return compress_checkpoint(ckpt, files, spec, dest, base=base, threshold=threshold,
+                                   use_shared=use_shared, all_groups=all_groups,
+                                   overwrite=overwrite, device=device, reporter=reporter,
+                                   reserve=reserve, given=given, max_shard_size=max_shard_size,
+                                   named=model)
+
+
+def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
+                        spec: CodecSpec | TargetSpec | None, dest: str | Path, *,
+                        base: str | Path = "mean", threshold: float = DEFAULT_UPCYCLED_COS,
+                        use_shared: bool = True, all_groups: bool = False,
+                        overwrite: bool = False, device: str = "auto",
+                        reporter: Reporter | None = None, reserve: int | None = None,
+                        given: Sequence[GivenEncoding] = (),
+                        max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
+                        named: str | Path | None = None) -> CompressResult:
+    """``compress`` of a checkpoint described by ``ckpt`` (its shard headers, side files and
+    where every tensor is) whose tensor bytes are read through ``source``: its shard files
+    (``ckpt.open()``), or tensors held in memory. Options as ``compress``; ``named``: what
+    errors about the checkpoint name (default its root)."""
+    where, limit = _check_settings(spec, given, threshold, device, max_shard_size)
+    reporter = reporter or Silent()
     if given:
         found = Found([e.group for e in given], [])
     else:
         found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
         why = nothing_to_compress(found)
         if why:  # an archive would be the checkpoint again, a little larger
-            raise InputError(f"nothing to compress: {why}; no archive written", model)
-    shown = Path(out) if out is not None else default_archive_path(ckpt, model)
+            raise InputError(f"nothing to compress: {why}; no archive written",
+                             ckpt.root if named is None else named)
+    shown = Path(dest)
     dest = output_path(shown)
     check_new_output(dest, overwrite)
     check_new_output(index_path(dest), overwrite)  # where a sharded archive's index goes
@@ -158,31 +171,29 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     matcher = None
     if str(base) != "mean":
         matcher = DenseMatcher(open_checkpoint(base), threshold)
-    choices = None
-    if isinstance(spec, TargetSpec) and spec.target_size is not None:
-        choices = plan_target(ckpt, found, spec.target_size)
-    quantized = quantized_summary(found.skipped)
-    for line in quantized:
-        reporter.warn(line)
-    job = _Job(ckpt, found, spec, matcher, threshold, use_shared, all_groups, reporter, where)
-    job.choices = choices
-    job.given = {e.group.key: e for e in given}
-    for line in leftovers + list(ckpt.skipped):
-        job.warn(line)
     try:
-        with writing(dest), ckpt.open() as files, ArchiveWriter(
+        policy = None if spec is None else Policy.for_run(ckpt, found, spec, threshold,
+                                                          all_groups)
+        quantized = quantized_summary(found.skipped)
+        for line in quantized:
+            reporter.warn(line)
+        job = _Job(ckpt, source, found, policy, {e.group.key: e for e in given}, matcher,
+                   threshold, use_shared, reporter, where)
+        for line in leftovers + list(ckpt.skipped):
+            job.warn(line)
+        with writing(dest), ArchiveWriter(
             dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite,
             max_shard_size=limit,
             shard_reserve=reserve if reserve is not None else estimate_table(ckpt, found),
         ) as writer, compute_threads():
-            size = job.run(files, writer)
+            size = job.run(writer)
     finally:
         if matcher is not None:
             matcher.close()
     reporter.finish()
     return CompressResult(
         archive=shown.with_name(writer.path.name),
-        setting=spec.label if spec is not None else "given",
+        setting=job.label,
         input_bytes=ckpt.disk_bytes,
         archive_bytes=size,
         header_bytes=size - writer.data_bytes,
@@ -192,30 +203,42 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     )
 
 
-def _stored_bytes(encoded: tuple[CodecSpec, EncodedGroup, tuple[torch.Tensor, str]]) -> int:
-    _, enc, (base, _) = encoded
-    return base.numel() * base.element_size() + sum(
-        t.numel() * t.element_size() for t in enc.arrays.values())
+def _check_settings(spec: CodecSpec | TargetSpec | None, given: Sequence[GivenEncoding],
+                    threshold: float, device: str, max_shard_size: int | str | None
+                    ) -> tuple[torch.device, int | None]:
+    """Refuse settings that make no sense, before anything is read; the device and the shard
+    limit they name."""
+    if (spec is None) == (not given):
+        raise UsageError("compress needs a codec setting or given encodings, not both")
+    if spec is not None:
+        spec.check()
+    where = resolve_device(device)
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageError(f"threshold must be in [0, 1], got {threshold}", param="threshold")
+    return where, limit
 
 
 class _Job:
-    """One compress run. The main thread does the arithmetic of one group while the reader
-    lane fetches the next group and the writer lane stores what is done, in archive order."""
+    """The state of one compress run: what it reads, decides with and has written so far.
 
-    def __init__(self, ckpt: Checkpoint, found: Found, spec: CodecSpec,
+    The main thread does the arithmetic of one group while the reader thread fetches the next
+    group and the writer lane stores what is done, in archive order."""
+
+    def __init__(self, ckpt: Checkpoint, source: TensorSource, found: Found,
+                 policy: Policy | None, given: Mapping[str, GivenEncoding],
                  matcher: DenseMatcher | None, threshold: float, use_shared: bool,
-                 all_groups: bool, reporter: Reporter, device: torch.device) -> None:
+                 reporter: Reporter, device: torch.device) -> None:
         self.ckpt = ckpt
-        self.device = device
-        self.choices: dict[str, CodecSpec] | None = None
-        self.given: dict[str, GivenEncoding] = {}
+        self.source = source
         self.found = found
-        self.spec = spec
+        self.policy = policy  # None: every group is given
+        self.given = given
         self.matcher = matcher
-        self.threshold = threshold
+        self.threshold = threshold  # for shared FFNs joining their group
         self.use_shared = use_shared
-        self.all_groups = all_groups
         self.reporter = reporter
+        self.device = device
         self.summaries: list[GroupSummary] = []
         self.warnings: list[str] = []
         self.tensors: dict[str, TensorRecord] = {}
@@ -223,14 +246,18 @@ class _Job:
         self.passthrough: list[dict[str, str]] = [
             {"key": s.key, "reason": s.reason} for s in found.skipped]
 
+    @property
+    def label(self) -> str:
+        return self.policy.spec.label if self.policy is not None else "given"
+
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         self.reporter.warn(message)
 
-    def run(self, files: ShardFiles, w: ArchiveWriter) -> int:
+    def run(self, w: ArchiveWriter) -> int:
         ckpt = self.ckpt
-        label = self.spec.label if self.spec is not None else "given"
-        self.reporter.start(label, ckpt.tensor_bytes + ckpt.side_bytes, len(self.found.groups))
+        self.reporter.start(self.label, ckpt.tensor_bytes + ckpt.side_bytes,
+                            len(self.found.groups))
         shards = []
         for i, s in enumerate(ckpt.shards):
             name = SHARD_HEADER_NAME.format(index=i)
@@ -240,24 +267,19 @@ class _Job:
         plan = units(ckpt, self.found)
         groups = [u for u in plan if isinstance(u, ExpertGroup)]
 
-        def fetch(i: int):
-            g = groups[i]
+        def fetch(g: ExpertGroup) -> Fetched:
             # NaN and Inf are caught by the encoder's norms (see encode_group), not by a pass.
-            return fetch_group(files, ckpt, g, self.found.shared.get(g.key, ()),
+            return fetch_group(self.source, ckpt, g, self.found.shared.get(g.key, ()),
                                check_finite=False)
 
-        with Lane("read", depth=1) as reader, Lane("write") as writer, ThreadPoolExecutor(
+        with Prefetch(groups, fetch) as ahead, Lane("write") as writer, ThreadPoolExecutor(
                 1, thread_name_prefix="ders-hash") as hasher:
-            ahead = reader.submit(fetch, 0) if groups else None
-            done = 0
             for unit in plan:
                 if isinstance(unit, str):
-                    writer.submit(self._passthrough, files, w, unit)
+                    writer.submit(self._passthrough, w, unit)
                     continue
-                fetched = ahead.result()
-                done += 1
-                ahead = reader.submit(fetch, done) if done < len(groups) else None
-                self._group(files, w, writer, hasher, fetched)
+                fetched = next(ahead)
+                self._group(w, writer, hasher, fetched)
                 del fetched
                 release_memory()
         manifest = Manifest(
@@ -301,15 +323,15 @@ class _Job:
         self.reporter.advance(size)
         return FileRecord(rel, size, sha.hexdigest(), name)
 
-    def _passthrough(self, files: ShardFiles, w: ArchiveWriter, name: str) -> None:
+    def _passthrough(self, w: ArchiveWriter, name: str) -> None:
         """Copy one tensor as it is (runs on the writer lane)."""
         shard, e = self.ckpt.where[name]
-        sha = w.add(name, e.dtype, e.shape, files.chunks(name))
+        sha = w.add(name, e.dtype, e.shape, self.source.chunks(name))
         self.tensors[name] = TensorRecord(shard, sha)
         self.reporter.advance(e.nbytes)
 
-    def _group(self, files: ShardFiles, w: ArchiveWriter, writer: Lane,
-               hasher: ThreadPoolExecutor, fetched: Fetched) -> None:
+    def _group(self, w: ArchiveWriter, writer: Lane, hasher: ThreadPoolExecutor,
+               fetched: Fetched) -> None:
         loaded = prepare_group(fetched, threshold=self.threshold, matcher=self.matcher,
                                use_shared=self.use_shared)
         g = loaded.group
@@ -318,51 +340,51 @@ class _Job:
                                shared=[c.member.label for c in loaded.shared if c.joined])
         for c in loaded.shared:
             if not c.joined:  # a shared FFN that stays apart is a plain passthrough tensor
-                writer.submit(self._passthrough, files, w, c.member.tensor)
+                writer.submit(self._passthrough, w, c.member.tensor)
         # Encode first, decide after: the encoder measures every member's cosine to the base
         # on the way, and a group that is not upcycled is the rare case.
         try:
-            spec, enc, (base, base_dtype) = self._encode(loaded, hasher)
+            trial = self._encode(loaded, hasher)
         except NonFiniteMember as exc:
-            raise non_finite(files, g.members[exc.index]) from None
-        summary.action, summary.setting = spec.codec, spec.label
+            raise non_finite(self.source, g.members[exc.index]) from None
+        setting, enc = trial.setting, trial.encoded
+        summary.action, summary.setting = setting.codec, setting.label
         shas, base_rec = loaded.shas, dict(loaded.base_record)
-        if isinstance(spec, GivenEncoding):  # a trained model's shared FFN: its own kind
-            base_rec = {"kind": spec.base_kind}
-            summary.base = spec.base_kind
+        if isinstance(setting, GivenEncoding):  # a trained model's shared FFN: its own kind
+            base_rec = {"kind": setting.base_kind}
+            summary.base = setting.base_kind
         del loaded  # the group's weights: free them before the next group is read
-        min_cos = min(enc.cos_to_base)
-        if min_cos < self.threshold and not isinstance(spec, GivenEncoding):
-            reason = (f"not upcycled: an expert has cosine {min_cos:.4f} to the base "
-                      f"(< {self.threshold})")
-            if not self.all_groups:
-                self.warn(f"{g.key}: {reason}; stored as it is (--all-groups compresses it)")
-                self.passthrough.append({"key": g.key, "reason": reason})
+        verdict = None if self.policy is None else self.policy.verdict(enc.cos_to_base)
+        if verdict is not None:
+            if verdict.stored_as_is:
+                self.warn(f"{g.key}: {verdict.reason}; stored as it is (--all-groups "
+                          "compresses it)")
+                self.passthrough.append({"key": g.key, "reason": verdict.reason})
                 for name in g.tensors:  # read again: rare, and keeps one copy path
-                    writer.submit(self._passthrough, files, w, name)
+                    writer.submit(self._passthrough, w, name)
                 summary.action, summary.setting = "passthrough", "as it is"
-                summary.reason = reason
+                summary.reason = verdict.reason
                 summary.stored_bytes = g.nbytes
                 self.summaries.append(summary)
                 self.reporter.advance(0, 1)
                 return
-            self.warn(f"{g.key}: {reason}; compressed anyway (--all-groups)")
+            self.warn(f"{g.key}: {verdict.reason}; compressed anyway (--all-groups)")
         gid = len(self.records)
         base_rec["array"] = GROUP_ARRAY_NAME.format(group=gid, array="base")
-        encoding = get_codec(spec.codec).base_encoding
+        encoding = get_codec(setting.codec).base_encoding
         if encoding != BASE_RAW:  # raw bases are recorded as in version 1: no field
             base_rec["encoding"] = encoding
         arrays = {suffix: GROUP_ARRAY_NAME.format(group=gid, array=suffix)
                   for suffix in enc.arrays}
         self.records.append(GroupRecord(
             key=g.key, members=g.members, dtype=g.dtype, shape=g.shape, base=base_rec,
-            codec={"name": spec.codec, "params": enc.params, "arrays": arrays},
+            codec={"name": setting.codec, "params": enc.params, "arrays": arrays},
             recon_sha256=tuple(enc.recon_sha256), rel_error=tuple(enc.rel_error),
             cos=tuple(enc.cos)))
         for i, m in enumerate(g.members):
             self.tensors[m.tensor] = TensorRecord(self.ckpt.where[m.tensor][0], shas[m.tensor],
                                                   gid, i if m.slice is None else None)
-        stored = [(base_rec["array"], base, base_dtype)] + [
+        stored = [(base_rec["array"], trial.base, trial.base_dtype)] + [
             (arrays[k], t, None) for k, t in enc.arrays.items()]
         writer.submit(self._store, w, stored, g.nbytes)
         summary.stored_bytes = sum(t.numel() * t.element_size() for _, t, _ in stored)
@@ -370,46 +392,24 @@ class _Job:
         summary.min_cos = min(enc.cos)
         self.summaries.append(summary)
 
-    def _encode(self, loaded: LoadedGroup, hasher: ThreadPoolExecutor
-                ) -> tuple[CodecSpec, EncodedGroup, tuple[torch.Tensor, str]]:
-        """The setting for this group, its encoding and its stored base (array, dtype): the
-        setting asked for, the one planned for --target-size, or for --max-error the cheapest
-        rung of the ladder within it, or lossless when that stores fewer bytes."""
+    def _encode(self, loaded: LoadedGroup, hasher: ThreadPoolExecutor) -> Trial:
+        """The group encoded as the policy chooses, or measured as it was given."""
         g = loaded.group
         given = self.given.get(g.key)
         if given is not None:
-            enc = measure_group(loaded.weights, given)
             codec = get_codec(given.codec)
-            return given, enc, stored_base(given.base, codec.base_encoding, g.dtype,
-                                          codec.base_level)
+            return Trial(given, measure_group(loaded.weights, given),
+                         *stored_base(given.base, codec.base_encoding, g.dtype,
+                                      codec.base_level))
 
-        def encode(spec: CodecSpec) -> tuple[CodecSpec, EncodedGroup, tuple[torch.Tensor, str]]:
+        def encode(spec: CodecSpec) -> Trial:
             enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,
                                spec.params(g), hasher, self.device)
-            codec = get_codec(spec.codec)
-            return spec, enc, stored_base(enc.base, codec.base_encoding, g.dtype,
-                                          codec.base_level)
+            codec = spec.impl
+            return Trial(spec, enc, *stored_base(enc.base, codec.base_encoding, g.dtype,
+                                                 codec.base_level))
 
-        if not isinstance(self.spec, TargetSpec):
-            return encode(self.spec)
-        if self.choices is not None:
-            return encode(self.choices[g.key])
-        limit = self.spec.max_error
-        met = len(LADDER)  # the rung that meets the limit; past the end when none does
-        for i, spec in enumerate(LADDER):
-            chosen = encode(spec)
-            enc = chosen[1]
-            if min(enc.cos_to_base) < self.threshold and not self.all_groups:
-                return chosen  # not upcycled: stored as it is whatever the setting
-            if max(enc.rel_error) <= limit:
-                met = i
-                break
-        rung = met
-        if rung >= LOSSLESS_FROM:  # the rungs of 2 bits and up can lose to lossless in size
-            exact = encode(LosslessSpec())
-            if rung == len(LADDER) or _stored_bytes(exact) < _stored_bytes(chosen):
-                return exact
-        return chosen
+        return self.policy.choose(g.key, encode)
 
     def _store(self, w: ArchiveWriter, stored: list, nbytes: int) -> None:
         """Write a group's base and codec arrays, in one shard (runs on the writer lane)."""
