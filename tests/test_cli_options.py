@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from enum import Enum
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from ders_cli.cli.app import COMMANDS, app
-from ders_cli.cli.options import Mask, Method, Rescale, UpcycleMode
+from ders_cli.cli.options import UpcycleMode
 from fixtures.synthetic import upcycled_tensors, write_model
 
 runner = CliRunner()
@@ -44,6 +46,7 @@ def refused(r, line: str) -> None:
      "--group-size applies only with --drop, not with --target-size"),
     (["--lossless", "--seed", "0"],  # the default value, but typed: still not read
      "--seed applies only with --drop, not with --lossless"),
+    (["--rank", "8", "--mask", "magnitude"], "--mask applies only with --drop, not with --rank"),
     (["--drop", "0.9", "--group-size", "64"], "--group-size applies only with --bits"),
     (["--drop", "0.9", "--mask", "magnitude", "--seed", "7"],
      "--seed applies only to random masks, not with --mask magnitude"),
@@ -94,15 +97,39 @@ def test_library_errors_speak_of_parameters(model):
     assert str(e.value) == "threshold must be in [0, 1], got 2"
 
 
-def test_choices_are_the_librarys():
-    from ders_cli.constants import QUANT_METHODS as METHODS
-    from ders_cli.constants import SPARSE_MASKS as MASKS
-    from ders_cli.constants import SPARSE_RESCALES as RESCALES
+# The command and flag that choose each codec; a codec missing here is not offered by the CLI.
+CODEC_MODES = {"sparse": ("compress", "--drop"), "lossless": ("compress", "--lossless"),
+               "lowrank": ("compress", "--rank"), "quant": ("quantize", "--bits")}
+
+
+def test_every_codec_option_is_a_flag_with_its_default_and_choices():
+    """The flags are written out (so that help needs no torch) but must say what each codec
+    declares it takes (Codec.options): name, default and choices."""
+    from ders_cli.cli.console import flag_of
+    from ders_cli.cli.reference import _choices
+    from ders_cli.codecs import DeltaCodec
+
+    group = typer.main.get_command(app)
+    for name, codec in DeltaCodec.registry.items():
+        assert name in CODEC_MODES, f"codec {name!r} has no CLI flag: offer it in a command"
+        command, mode = CODEC_MODES[name]
+        flags = {max(p.opts, key=len): p for p in group.commands[command].params
+                 if p.param_type_name == "option"}
+        assert mode in flags
+        for option in codec.options:
+            p = flags[flag_of(option.name)]
+            if not option.required:
+                default = p.default.value if isinstance(p.default, Enum) else p.default
+                assert default == option.default, (name, option.name)
+            if option.choices and option.type is str:
+                assert set(_choices(p)) == set(option.choices), (name, option.name)
+            elif option.choices:  # numbers: listed in the help
+                assert all(str(c) in p.help for c in option.choices), (name, option.name)
+
+
+def test_upcycle_modes_are_the_librarys():
     from ders_cli.training.upcycle import MODES
 
-    assert {m.value for m in Mask} == set(MASKS)
-    assert {m.value for m in Rescale} == set(RESCALES)
-    assert {m.value for m in Method} == set(METHODS)
     # "vanilla" is the library's comparison mode: an archive holds DeRS experts
     assert {m.value for m in UpcycleMode} == set(MODES) - {"vanilla"}
 

@@ -15,6 +15,7 @@ from ..constants import DEFAULT_GROUP_SIZE
 from ..errors import UsageError
 from .console import RichReporter, human_bytes, natural_key, out, print_json, reported, shown
 from .options import (
+    DEFAULT_METHOD,
     DEFAULT_THRESHOLD,
     AllGroupsOpt,
     BaseOpt,
@@ -24,7 +25,6 @@ from .options import (
     JsonOpt,
     Mask,
     MaxShardSizeOpt,
-    Method,
     MethodOpt,
     ModelArg,
     NoSharedOpt,
@@ -52,6 +52,7 @@ COMPRESS_EXAMPLES = examples(
     "ders compress ./moe --drop 0.9                      # the paper's DeRS sparsification",
     "ders compress ./moe --drop 0.9 --bits 4 -o moe-d90q4.ders",
     "ders compress ./moe --lossless                      # every expert bit for bit",
+    "ders compress ./moe --rank 8                        # low-rank deltas",
     "ders compress ./moe --max-error 0.005               # per group the cheapest within it",
     "ders compress org/moe@main --target-size 25% -o moe.ders")
 QUANTIZE_EXAMPLES = examples(
@@ -68,6 +69,10 @@ def compress_cmd(
     lossless: Annotated[bool, typer.Option(
         "--lossless", help="Instead of --drop: store every expert bit for bit (base plus "
                            "zstd-coded residuals).")] = False,
+    rank: Annotated[int | None, typer.Option(
+        "--rank", metavar="R", show_default=False,
+        help="Instead of --drop: each delta as its best rank-R approximation (truncated "
+             "SVD), two thin factors per expert.")] = None,
     max_error: Annotated[float | None, typer.Option(
         "--max-error", metavar="E", show_default=False,
         help="Instead of --drop: the largest relative error of any expert; per group the "
@@ -106,16 +111,18 @@ def compress_cmd(
     """Compress a model into a .ders archive.
 
     One base per expert group plus a delta per expert: DeRS sparsification (--drop), every bit
-    kept (--lossless), or a setting chosen per group (--max-error, --target-size). Give exactly
-    one of these four."""
+    kept (--lossless), low-rank deltas (--rank), or a setting chosen per group (--max-error,
+    --target-size). Give exactly one of these five."""
     with reported():
         modes = [flag for flag, on in (("--drop", drop is not None), ("--lossless", lossless),
+                                       ("--rank", rank is not None),
                                        ("--max-error", max_error is not None),
                                        ("--target-size", target_size is not None)) if on]
         if len(modes) != 1:
             raise UsageError("compress needs exactly one of --drop P (DeRS sparsification), "
-                             "--lossless (every expert bit for bit), --max-error E and "
-                             "--target-size F" + (f" (got {', '.join(modes)})" if modes else ""))
+                             "--lossless (every expert bit for bit), --rank R (low-rank "
+                             "deltas), --max-error E and --target-size F"
+                             + (f" (got {', '.join(modes)})" if modes else ""))
         if drop is None:
             refuse(ctx, SPARSE_OPTIONS, "with --drop", instead=modes[0])
         else:
@@ -123,7 +130,7 @@ def compress_cmd(
                 refuse(ctx, ("group_size",), "with --bits")
             if mask is Mask.magnitude:
                 refuse(ctx, ("seed",), "to random masks", instead="--mask magnitude")
-        spec = compress_spec(drop, lossless, target_size, max_error,
+        spec = compress_spec(drop, lossless, rank, target_size, max_error,
                              sparse=dict(seed=seed, mask=mask.value, rescale=rescale and
                                          rescale.value, value_bits=bits, value_group=group_size))
     _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
@@ -137,7 +144,7 @@ def quantize_cmd(
         "--bits", metavar="K", help="Bits per delta element: 1, 2, 3, 4 or 8.")],
     out_path: ArchiveOut = None,
     group_size: GroupSizeOpt = DEFAULT_GROUP_SIZE,
-    method: MethodOpt = Method.mse,
+    method: MethodOpt = DEFAULT_METHOD,
     base: BaseOpt = "mean",
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     no_shared: NoSharedOpt = False,
@@ -159,16 +166,18 @@ def quantize_cmd(
          overwrite=force, max_shard_size=max_shard_size)
 
 
-def compress_spec(drop: float | None, lossless: bool, target_size: str | None,
+def compress_spec(drop: float | None, lossless: bool, rank: int | None, target_size: str | None,
                   max_error: float | None, sparse: dict) -> CodecSpec | TargetSpec:
     """The library's setting for the one mode given (``sparse``: SparseSpec's other fields)."""
     from ..choose import TargetSpec, parse_fraction
-    from ..codecs import LosslessSpec, SparseSpec
+    from ..codecs import LosslessSpec, LowRankSpec, SparseSpec
 
     if drop is not None:
         return SparseSpec(drop, **sparse)
     if lossless:
         return LosslessSpec()
+    if rank is not None:
+        return LowRankSpec(rank)
     fraction = parse_fraction(target_size) if target_size is not None else None
     return TargetSpec(max_error=max_error, target_size=fraction)
 

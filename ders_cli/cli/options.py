@@ -2,8 +2,9 @@
 choices, and the check that refuses a flag the chosen mode would ignore.
 
 Nothing here (or in any command module, at import time) loads torch: ``ders --help`` builds
-every command's help from these alone. The choices are the library's (tests/test_cli_options.py
-holds them equal).
+every command's help from these alone. The choices come from constants.py, which the codecs use
+too; tests/test_cli_options.py holds each codec's declared options (``Codec.options``) and the
+flags equal.
 """
 
 from __future__ import annotations
@@ -15,29 +16,26 @@ from typing import Annotated
 
 import typer
 
-from ..constants import DEFAULT_UPCYCLED_COS
+from ..constants import (
+    DEFAULT_QUANT_METHOD,
+    DEFAULT_UPCYCLED_COS,
+    QUANT_METHODS,
+    SPARSE_MASKS,
+    SPARSE_RESCALES,
+)
 from ..errors import UsageError
 
 
-class Mask(str, Enum):
-    random = "random"
-    magnitude = "magnitude"
+def _choices(name: str, values: Iterable[str]) -> type[Enum]:
+    """An Enum of strings, which Typer lists as the option's choices."""
+    return Enum(name, [(v, v) for v in values], type=str)
 
 
-class Rescale(str, Enum):
-    inverse = "inverse"
-    none = "none"
-    norm = "norm"
-
-
-class Method(str, Enum):
-    mse = "mse"
-    rtn = "rtn"
-
-
-class UpcycleMode(str, Enum):
-    lowrank = "lowrank"
-    sparse = "sparse"
+Mask = _choices("Mask", SPARSE_MASKS)
+Rescale = _choices("Rescale", SPARSE_RESCALES)
+Method = _choices("Method", sorted(QUANT_METHODS))
+UpcycleMode = _choices("UpcycleMode", ("lowrank", "sparse"))  # an archive holds DeRS experts
+DEFAULT_METHOD = Method(DEFAULT_QUANT_METHOD)
 
 
 ModelArg = Annotated[str, typer.Argument(
