@@ -74,8 +74,8 @@ def parse_fraction(text: str) -> float:
     try:
         return float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
-        raise UsageError(f"--target-size takes a percentage like 25% or a fraction like "
-                         f"0.25, got {text!r}") from None
+        raise UsageError(f"target_size takes a percentage like 25% or a fraction like "
+                         f"0.25, got {text!r}", param="target_size") from None
 
 
 def plan_target(ckpt: Checkpoint, found: Found, fraction: float) -> dict[str, CodecSpec]:
@@ -95,8 +95,8 @@ def plan_target(ckpt: Checkpoint, found: Found, fraction: float) -> dict[str, Co
     level = [0] * len(groups)
     if sum(s[0] for s in sizes) > budget:
         smallest = (fixed + sum(s[0] for s in sizes)) / original
-        raise InputError(f"--target-size {fraction:.1%} is below the smallest archive ders "
-                         f"can write for this model: {smallest:.1%}", ckpt.root)
+        raise InputError(f"a target size of {fraction:.1%} is below the smallest archive "
+                         f"ders can write for this model: {smallest:.1%}", ckpt.root)
     for rung in range(1, len(LADDER)):
         if sum(s[rung] for s in sizes) <= budget:
             level = [rung] * len(groups)

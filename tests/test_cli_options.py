@@ -81,6 +81,8 @@ def test_library_errors_name_the_flag(model, tmp_path):
     refused(run("quantize", model, "--bits", "5", "-o", tmp_path / "a.ders"),
             "--bits must be one of 1, 2, 3, 4, 8, got 5")
     refused(run("inspect", model, "--threshold", "2"), "--threshold must be in [0, 1], got 2.0")
+    refused(run("compress", model, "--target-size", "a quarter", "-o", tmp_path / "a"),
+            "--target-size takes a percentage like 25% or a fraction like 0.25, got 'a quarter'")
     refused(run("compress", model, "--drop", "0.5", "--device", "tpu:0", "-o", tmp_path / "a"),
             "--device 'tpu:0' is not a device torch knows")
     refused(run("upcycle", tmp_path / "dense", "-o", tmp_path / "a.ders", "--top-k", "9"),
