@@ -12,6 +12,7 @@ Everything the ``ders`` command does is a function here::
     result = ders.compress("model/", ders.TargetSpec(max_error=0.005), "e.ders")
     ders.verify("model.ders", against="model/")
     ders.expand("model.ders", "restored/")
+    ders.evaluate("model/", ["model.ders"], "text/")  # perplexity, per-layer output errors
     ders.upcycle_checkpoint("dense/", "moe.ders", ders.UpcycleSpec(experts=4))
     model = ders.load_from_archive("model.ders", mode="factored")  # inference, no expand
 
@@ -58,6 +59,8 @@ _API = {
     "LowRankSpec": "codecs",
     "QuantSpec": "codecs",
     "SparseSpec": "codecs",
+    "EvalResult": "evaluate",
+    "evaluate": "evaluate",
     "ExpandResult": "expand",
     "expand": "expand",
     "InspectReport": "inspection",
@@ -80,7 +83,8 @@ def __getattr__(name: str):
 
 class _Package(types.ModuleType):
     """``ders_cli.compress`` is the function, also once the module of the same name is loaded:
-    the import system would otherwise bind the submodule over it (so for expand, verify)."""
+    the import system would otherwise bind the submodule over it (so for evaluate, expand,
+    verify)."""
 
     def __setattr__(self, name: str, value: object) -> None:
         if not (name in _API and isinstance(value, types.ModuleType)):

@@ -17,7 +17,7 @@ import typer
 
 from .. import __version__
 from ..constants import FORMAT_VERSION
-from . import compress_cmd, expand_cmd, inspect_cmd, upcycle_cmd, verify_cmd
+from . import compress_cmd, eval_cmd, expand_cmd, inspect_cmd, upcycle_cmd, verify_cmd
 from .console import err
 
 app = typer.Typer(
@@ -39,6 +39,7 @@ COMMANDS = {
     "expand": (expand_cmd.expand_cmd, expand_cmd.EXAMPLES),
     "verify": (verify_cmd.verify_cmd, verify_cmd.EXAMPLES),
     "upcycle": (upcycle_cmd.upcycle_cmd, upcycle_cmd.EXAMPLES),
+    "eval": (eval_cmd.eval_cmd, eval_cmd.EXAMPLES),
 }
 for _name, (_function, _examples) in COMMANDS.items():
     app.command(_name, epilog=_examples)(_function)
