@@ -76,3 +76,30 @@ def test_benchmark_runs_end_to_end(tmp_path):
     compress = next(r for r in doc["rows"] if r["command"].startswith("ders compress"))
     assert compress["output_bytes"] >= compress["theory_bytes"]
     assert not any((tmp_path / "work").iterdir())  # cleaned up
+
+
+def test_fidelity_measures_and_the_papers_recipe():
+    from bench.fidelity import PROJ, Reference, _one_bit, _rtn, ffn, measure, paper_counterpart
+    from ders_cli import QuantSpec, SparseSpec
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen)
+    base = {"w1": torch.randn(16, 8, generator=gen), "w3": torch.randn(16, 8, generator=gen),
+            "w2": torch.randn(8, 16, generator=gen)}
+    experts = [{p: base[p] + 0.01 * torch.randn(base[p].shape, generator=gen) for p in PROJ}
+               for _ in range(2)]
+    mean = {p: (experts[0][p] + experts[1][p]) / 2 for p in PROJ}
+    outputs = [ffn(x, w) for w in experts]
+    ref = Reference(x, experts, outputs,
+                    [float((y - ffn(x, mean)).norm()) for y in outputs])
+    exact = measure(ref, experts)
+    assert exact.output_error == exact.share_lost == exact.weight_error == 0.0
+    assert measure(ref, [mean, mean]).share_lost == pytest.approx(1.0)
+    # RTN with 2^8 levels is near exact; 1 bit is sign times the mean magnitude per 128.
+    d = torch.randn(4, 128, generator=gen)
+    assert (_rtn(d, 8) - d).abs().max() < (d.max() - d.min()) / 255
+    assert torch.equal(_one_bit(d).abs(), d.abs().mean(1, keepdim=True).expand(4, 128))
+    assert paper_counterpart(QuantSpec(2)) == "2-bit RTN"
+    assert paper_counterpart(QuantSpec(1)) == "1-bit"
+    assert paper_counterpart(SparseSpec(0.9)) == "drop 0.9"
+    assert paper_counterpart(SparseSpec(0.9, mask="magnitude")) is None
