@@ -42,7 +42,7 @@ import torch
 import ders_cli as ders
 from ders_cli import LosslessSpec, QuantSpec, SparseSpec
 from ders_cli.archive import ArchiveReader
-from ders_cli.expand import group_arrays
+from ders_cli.groups import group_arrays
 
 from .smollm2 import load_dense
 

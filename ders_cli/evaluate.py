@@ -28,13 +28,13 @@ from .archive import ArchiveReader
 from .calibration.sequential import LoadedLayers, read_layers
 from .calibration.text import TokenizedText, tokenize_text
 from .checkpoint import Checkpoint, open_checkpoint
-from .decompose import codec_label
+from .codecs import codec_label
 from .device import resolve_device
+from .dtypes import TORCH_DTYPES
 from .errors import InputError, UsageError
-from .expand import group_arrays
 from .families import for_model_type
+from .groups import group_arrays
 from .progress import Reporter, Silent
-from .safetensors_io import TORCH_DTYPES
 
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_SEQ_LEN = 512
