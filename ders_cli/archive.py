@@ -53,6 +53,7 @@ from .errors import (
     OutputExistsError,
     UsageError,
 )
+from .interrupts import critical
 from .outputs import create_exclusive, temp_path
 from .profile import stage
 from .records import SHA256, Manifest, path_problem
@@ -296,6 +297,8 @@ class ArchiveWriter:
         """Write the header(s), move the files into place; returns the archive's size in bytes
         (every file of it)."""
         self._require(WriterState.DATA, "finish")
+        # Writing the headers may move data (an interrupt there removes all); moving the
+        # files into place is one step an interrupt waits for.
         if len(self._parts) == 1:
             size = self._finish_one(manifest)
         else:
@@ -309,13 +312,14 @@ class ArchiveWriter:
                                      META_MANIFEST: manifest.to_json()})
         index = index_path(self.dest)
         replaced = self._replaced(index)
-        self._place([(part.tmp, self.dest)])
-        part.close()  # after the rename: its lock showed the temporary file in use till then
-        self.files = [self.dest]
-        if replaced:  # a sharded archive of this name would stay beside the new one-file one
-            index.unlink(missing_ok=True)
-            for old in replaced:
-                old.unlink(missing_ok=True)
+        with critical():
+            self._place([(part.tmp, self.dest)])
+            part.close()  # after the rename: its lock showed the temporary file in use
+            self.files = [self.dest]
+            if replaced:  # a sharded archive of this name would stay beside the new one
+                index.unlink(missing_ok=True)
+                for old in replaced:
+                    old.unlink(missing_ok=True)
         return size
 
     def _finish_sharded(self, manifest: Manifest) -> int:
@@ -340,21 +344,23 @@ class ArchiveWriter:
         replaced = self._replaced(index)
         # Shards first, the index last: an index only ever names shards that are in place.
         moves = [(p.tmp, self.dest.with_name(n)) for p, n in zip(self._parts, names, strict=True)]
-        try:
-            self._place([*moves, (tmp, index)])
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        for part in self._parts:
-            part.close()
-        self.path = index
-        self.files = [index, *(dest for _, dest in moves)]
-        if self.overwrite:
-            # What the previous archive of this name had and this one does not: its one-file
-            # form (a reader would open it instead of the index) and shards of another count.
-            for old in [self.dest, *replaced]:
-                if old not in self.files and os.path.lexists(old):
-                    old.unlink()
+        with critical():
+            try:
+                self._place([*moves, (tmp, index)])
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            for part in self._parts:
+                part.close()
+            self.path = index
+            self.files = [index, *(dest for _, dest in moves)]
+            if self.overwrite:
+                # What the previous archive of this name had and this one does not: its
+                # one-file form (a reader would open it instead of the index) and shards of
+                # another count.
+                for old in [self.dest, *replaced]:
+                    if old not in self.files and os.path.lexists(old):
+                        old.unlink()
         return len(raw) + sum(r["size"] for r in records)
 
     def _place(self, moves: list[tuple[Path, Path]]) -> None:

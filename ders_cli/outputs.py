@@ -26,6 +26,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import InputError, OutputError, OutputExistsError
+from .interrupts import critical
 from .records import path_problem
 
 # Files a model loader reads as the weights of a folder (transformers prefers model.safetensors,
@@ -252,18 +253,19 @@ class BuildDir:
         """Move the folder into place. Without ``overwrite`` the output must still be absent;
         with it, an existing folder receives the built files one by one (each replaced whole
         by a rename) and keeps every other file it holds."""
-        if not os.path.lexists(self.dest):
-            try:
-                os.rename(self.path, self.dest)
-            except OSError:  # something took the name meanwhile
-                raise OutputExistsError("appeared while writing; not overwritten",
-                                        self.dest) from None
-        elif not self.overwrite:
-            raise OutputExistsError("appeared while writing; not overwritten", self.dest)
-        else:
-            check_merge(self.dest, self.files)
-            self._merge()
-        self._done = True
+        with critical():  # an interrupt now waits: the output is complete
+            if not os.path.lexists(self.dest):
+                try:
+                    os.rename(self.path, self.dest)
+                except OSError:  # something took the name meanwhile
+                    raise OutputExistsError("appeared while writing; not overwritten",
+                                            self.dest) from None
+            elif not self.overwrite:
+                raise OutputExistsError("appeared while writing; not overwritten", self.dest)
+            else:
+                check_merge(self.dest, self.files)
+                self._merge()
+            self._done = True
         os.close(self._fd)
 
     def _merge(self) -> None:

@@ -9,8 +9,6 @@ entry in ``COMMANDS`` below; docs/CLI.md is regenerated with ``python -m ders_cl
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Annotated
 
 import typer
@@ -18,7 +16,7 @@ import typer
 from .. import __version__
 from ..constants import FORMAT_VERSION
 from . import compress_cmd, eval_cmd, expand_cmd, inspect_cmd, upcycle_cmd, verify_cmd
-from .console import err
+from .main import main  # noqa: F401  (the entry point lives apart, to handle Ctrl-C early)
 
 app = typer.Typer(
     name="ders",
@@ -58,20 +56,3 @@ def _options(
         help="Print ders' version and the newest archive format it reads, and exit.")] = False,
 ) -> None:
     pass
-
-
-def main() -> None:
-    """Entry point: a user never sees a traceback unless DERS_DEBUG is set."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        err.print("ders: interrupted; nothing was written")
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:
-        if os.environ.get("DERS_DEBUG"):
-            raise
-        err.print(f"ders: internal error: {type(exc).__name__}: {exc} "
-                  "(set DERS_DEBUG=1 for a traceback)", soft_wrap=True, markup=False)
-        sys.exit(3)

@@ -94,8 +94,19 @@ def reported() -> Iterator[None]:
     try:
         yield
     except DersError as exc:
+        stop_progress()
         err.print(f"[bold red]ders:[/] {escape(cli_message(exc))}", markup=True, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
+
+
+# Progress bars on the terminal now: an error or an interrupt takes them off before its line.
+_ACTIVE: set[Progress] = set()
+
+
+def stop_progress() -> None:
+    for progress in list(_ACTIVE):
+        progress.stop()
+        _ACTIVE.discard(progress)
 
 
 class RichReporter:
@@ -115,6 +126,7 @@ class RichReporter:
             TransferSpeedColumn(), TextColumn("{task.fields[done]}/{task.fields[groups]} groups"),
             TimeRemainingColumn(), console=err, transient=True)
         self._progress.start()
+        _ACTIVE.add(self._progress)
         self._task = self._progress.add_task(label, total=total_bytes, done=0,
                                              groups=total_groups)
 
@@ -131,4 +143,5 @@ class RichReporter:
     def finish(self) -> None:
         if self._progress is not None:
             self._progress.stop()
+            _ACTIVE.discard(self._progress)
             self._progress = None

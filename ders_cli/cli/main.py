@@ -1,0 +1,48 @@
+"""The ``ders`` command's entry point: interrupts handled before anything heavy is imported,
+and every way a run can end turned into its one line and exit code.
+
+Kept apart from ``app`` (which imports Typer, rich and the commands) so that a Ctrl-C in the
+first second of a run, while those load, is already one line and exit 130, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..interrupts import Interrupted, install
+
+
+def main() -> None:
+    """Run ``ders``: a user never sees a traceback unless DERS_DEBUG is set. Exit codes: 0,
+    1 (verify found damage or a difference), 2 (bad input, one line), 3 (a bug: internal
+    error), 130 (Ctrl-C) and 143 (SIGTERM), both with nothing written."""
+    install()
+    try:
+        from .app import app
+
+        app()
+    except Interrupted as exc:
+        _stop_progress()
+        sys.stderr.write(f"ders: {exc}; nothing was written\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # raised by something other than our handler
+        _stop_progress()
+        sys.stderr.write("ders: interrupted; nothing was written\n")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if os.environ.get("DERS_DEBUG"):
+            raise
+        _stop_progress()
+        sys.stderr.write(f"ders: internal error: {type(exc).__name__}: {exc} "
+                         "(set DERS_DEBUG=1 for a traceback)\n")
+        sys.exit(3)
+
+
+def _stop_progress() -> None:
+    """Take a progress bar off the terminal before the last line (if one was ever drawn)."""
+    console = sys.modules.get("ders_cli.cli.console")
+    if console is not None:
+        console.stop_progress()
