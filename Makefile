@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-$(shell echo '$(TORCH)' | tr -c 'a-zA-Z0-9.=\n' _)
 DEMO   ?= demo
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint fuzz bench clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ demo: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q
+
+# The fuzzer of tests/test_fuzz.py, longer: ten times the cases of make test, fresh random ones
+# each run, and every byte of every seed archive flipped in turn (about an hour on 2 cores).
+fuzz: setup
+	DERS_FUZZ_SCALE=10 DERS_FUZZ_RANDOM=1 DERS_FUZZ_EXHAUSTIVE=1 \
+		$(BIN)/python -m pytest tests/test_fuzz.py -q -p no:cacheprovider
 
 lint: setup
 	$(BIN)/ruff check ders_cli tests fixtures bench

@@ -315,7 +315,8 @@ def _group(g: Any, ref: Any) -> GroupRecord:
     _expect(isinstance(base, dict) and base.get("kind") in BASE_KINDS,
             f"group {key!r}: bad base")
     ref(base.get("array"), f"group {key!r} base")
-    _expect(base.get("encoding", BASE_RAW) in BASE_ENCODING_VERSION,
+    _expect(isinstance(base.get("encoding", BASE_RAW), str)
+            and base.get("encoding", BASE_RAW) in BASE_ENCODING_VERSION,
             f"group {key!r}: unknown base encoding {base.get('encoding')!r}")
     codec = g.get("codec")
     _expect(isinstance(codec, dict) and isinstance(codec.get("name"), str)

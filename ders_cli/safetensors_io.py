@@ -105,7 +105,7 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int) -> Tensor
     if not isinstance(info, dict):
         raise InputError(f"tensor {name!r}: header entry is not an object", path)
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise InputError(f"tensor {name!r} has unsupported dtype {dtype!r}", path)
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
