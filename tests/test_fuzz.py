@@ -118,15 +118,16 @@ def limits(request):
     if command is not None:
         typer.testing._get_command = command
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None and COUNTS:
-        reporter.write_line("")
-        reporter.write_line(f"fuzz cases by family and outcome (scale {SCALE:g}, "
-                            f"{'random' if RANDOM else 'derandomized'}):")
-        for family in sorted({f for f, _ in COUNTS}):
-            parts = ", ".join(f"{o} {n}" for (f, o), n in sorted(COUNTS.items()) if f == family)
-            reporter.write_line(f"  {family}: {parts}")
-        reporter.write_line(f"  total: {sum(COUNTS.values())}")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None and COUNTS:
+        with capture.global_and_fixture_disabled():  # the counts reach the terminal, -q or not
+            print(f"\nfuzz cases by family and outcome (scale {SCALE:g}, "
+                  f"{'random' if RANDOM else 'derandomized'}):")
+            for family in sorted({f for f, _ in COUNTS}):
+                parts = ", ".join(f"{o} {n}" for (f, o), n in sorted(COUNTS.items())
+                                  if f == family)
+                print(f"  {family}: {parts}")
+            print(f"  total: {sum(COUNTS.values())}")
 
 
 def invoke(args: list[str]):

@@ -241,3 +241,30 @@ def test_a_file_size_limit_during_compress_is_one_line_naming_the_output(model, 
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "a.ders" in lines[0] and "size the system allows" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+# --- concurrent writers -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["compress", "expand"])
+def test_two_writers_to_one_output(model, archive, tmp_path, command):
+    """Started together without --force: one writes the output, the other refuses in one line;
+    the output is whole and no temporary file is left."""
+    dest = tmp_path / ("a.ders" if command == "compress" else "out")
+    args = (["compress", model, "--drop", "0.5", "-o", dest] if command == "compress"
+            else ["expand", archive, "-o", dest])
+    procs = [subprocess.Popen([sys.executable, "-m", "ders_cli", *map(str, args)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, err in results if code == 2)
+    lines = [line for line in refused.splitlines() if line.strip()]
+    assert len(lines) == 1 and ("already exists" in lines[0] or "appeared while writing"
+                                in lines[0]), refused
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]
+    if command == "compress":
+        assert ders.verify(dest).ok
+    else:
+        assert sorted(p.name for p in dest.iterdir()) == ["config.json", "model.safetensors",
+                                                          "tokenizer.json"]
