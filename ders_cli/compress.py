@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from .device import resolve_device
 from .errors import InputError, UsageError
 from .grouping import Fetched, LoadedGroup, fetch_group, non_finite, prepare_group
 from .groups import Prefetch, TensorSource
-from .lanes import Lane, compute_threads, release_memory
+from .lanes import Lane, Workers, computing, release_memory, resolve_workers
 from .outputs import check_new_output, output_path, sweep_leftovers, writing
 from .plan import estimate_header, estimate_table, units
 from .progress import Reporter, Silent
@@ -111,7 +111,8 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
              all_groups: bool = False, overwrite: bool = False, device: str = "auto",
              reporter: Reporter | None = None, reserve: int | None = None,
              given: Sequence[GivenEncoding] = (),
-             max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE) -> CompressResult:
+             max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
+             workers: int | None = None) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
     LosslessSpec, LowRankSpec) or one chosen per group (TargetSpec: --max-error,
     --target-size).
@@ -128,8 +129,11 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     ``max_shard_size`` (bytes, or "5GB", "500MB" as transformers takes it; None: no limit): an
     archive larger than this is written as shards and an index named after ``out``
     (docs/FORMAT.md 10); the result's ``archive`` is then the index.
+
+    ``workers``: threads that encode the members of a group in parallel (default: every core
+    this process may use); the archive is the same whatever their number.
     """
-    _check_settings(spec, given, threshold, device, max_shard_size)
+    _check_settings(spec, given, threshold, device, max_shard_size, workers)
     ckpt = open_checkpoint(model)
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
     with ckpt.open() as files:
@@ -137,7 +141,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
                                    use_shared=use_shared, all_groups=all_groups,
                                    overwrite=overwrite, device=device, reporter=reporter,
                                    reserve=reserve, given=given, max_shard_size=max_shard_size,
-                                   named=model)
+                                   named=model, workers=workers)
 
 
 def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
@@ -148,12 +152,13 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
                         reporter: Reporter | None = None, reserve: int | None = None,
                         given: Sequence[GivenEncoding] = (),
                         max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
-                        named: str | Path | None = None) -> CompressResult:
+                        named: str | Path | None = None,
+                        workers: int | None = None) -> CompressResult:
     """``compress`` of a checkpoint described by ``ckpt`` (its shard headers, side files and
     where every tensor is) whose tensor bytes are read through ``source``: its shard files
     (``ckpt.open()``), or tensors held in memory. Options as ``compress``; ``named``: what
     errors about the checkpoint name (default its root)."""
-    where, limit = _check_settings(spec, given, threshold, device, max_shard_size)
+    where, limit = _check_settings(spec, given, threshold, device, max_shard_size, workers)
     reporter = reporter or Silent()
     if given:
         found = Found([e.group for e in given], [])
@@ -177,15 +182,15 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
         quantized = quantized_summary(found.skipped)
         for line in quantized:
             reporter.warn(line)
-        job = _Job(ckpt, source, found, policy, {e.group.key: e for e in given}, matcher,
-                   threshold, use_shared, reporter, where)
-        for line in leftovers + list(ckpt.skipped):
-            job.warn(line)
         with writing(dest), ArchiveWriter(
             dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite,
             max_shard_size=limit,
             shard_reserve=reserve if reserve is not None else estimate_table(ckpt, found),
-        ) as writer, compute_threads():
+        ) as writer, computing(workers) as pool:
+            job = _Job(ckpt, source, found, policy, {e.group.key: e for e in given}, matcher,
+                       threshold, use_shared, reporter, where, pool)
+            for line in leftovers + list(ckpt.skipped):
+                job.warn(line)
             size = job.run(writer)
     finally:
         if matcher is not None:
@@ -204,8 +209,8 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
 
 
 def _check_settings(spec: CodecSpec | TargetSpec | None, given: Sequence[GivenEncoding],
-                    threshold: float, device: str, max_shard_size: int | str | None
-                    ) -> tuple[torch.device, int | None]:
+                    threshold: float, device: str, max_shard_size: int | str | None,
+                    workers: int | None) -> tuple[torch.device, int | None]:
     """Refuse settings that make no sense, before anything is read; the device and the shard
     limit they name."""
     if (spec is None) == (not given):
@@ -216,6 +221,7 @@ def _check_settings(spec: CodecSpec | TargetSpec | None, given: Sequence[GivenEn
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"threshold must be in [0, 1], got {threshold}", param="threshold")
+    resolve_workers(workers)
     return where, limit
 
 
@@ -228,7 +234,7 @@ class _Job:
     def __init__(self, ckpt: Checkpoint, source: TensorSource, found: Found,
                  policy: Policy | None, given: Mapping[str, GivenEncoding],
                  matcher: DenseMatcher | None, threshold: float, use_shared: bool,
-                 reporter: Reporter, device: torch.device) -> None:
+                 reporter: Reporter, device: torch.device, workers: Workers) -> None:
         self.ckpt = ckpt
         self.source = source
         self.found = found
@@ -239,6 +245,7 @@ class _Job:
         self.use_shared = use_shared
         self.reporter = reporter
         self.device = device
+        self.workers = workers
         self.summaries: list[GroupSummary] = []
         self.warnings: list[str] = []
         self.tensors: dict[str, TensorRecord] = {}
@@ -333,7 +340,7 @@ class _Job:
     def _group(self, w: ArchiveWriter, writer: Lane, hasher: ThreadPoolExecutor,
                fetched: Fetched) -> None:
         loaded = prepare_group(fetched, threshold=self.threshold, matcher=self.matcher,
-                               use_shared=self.use_shared)
+                               use_shared=self.use_shared, workers=self.workers)
         g = loaded.group
         summary = GroupSummary(g.key, len(g.members), list(g.shape), g.dtype, "", "",
                                g.nbytes, 0, base=loaded.base_label,
@@ -402,12 +409,17 @@ class _Job:
                          *stored_base(given.base, codec.base_encoding, g.dtype,
                                       codec.base_level))
 
+        bases: dict[tuple[str, int | None], Future] = {}  # one per way of storing it
+
         def encode(spec: CodecSpec) -> Trial:
-            enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,
-                               spec.params(g), hasher, self.device)
             codec = spec.impl
-            return Trial(spec, enc, *stored_base(enc.base, codec.base_encoding, g.dtype,
-                                                 codec.base_level))
+            how = (codec.base_encoding, codec.base_level)
+            if how not in bases:  # coded on a worker while the members are encoded
+                bases[how] = self.workers.submit(stored_base, loaded.base, codec.base_encoding,
+                                                 g.dtype, codec.base_level)
+            enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,
+                               spec.params(g), hasher, self.device, workers=self.workers)
+            return Trial(spec, enc, *bases[how].result())
 
         return self.policy.choose(g.key, encode)
 

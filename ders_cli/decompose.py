@@ -19,6 +19,7 @@ import torch
 from .codecs import Calibration, ExactCodec, codec_label, compute_dtype, get_codec
 from .finite import all_finite
 from .groups import Synthesized, synthesize, synthesize_decoded
+from .lanes import Workers, thread_buffer
 from .profile import stage
 from .records import ExpertGroup
 from .safetensors_io import DTYPE_NAMES, tensor_bytes
@@ -64,17 +65,32 @@ class NonFiniteMember(ValueError):
         self.index = index
 
 
+@dataclass
+class _Member:
+    """One member's encoding and what the writer records of it."""
+
+    row: dict[str, torch.Tensor]
+    sha: str | Future[str]  # of the reconstruction; a Future while it is hashed elsewhere
+    rel_error: float
+    cos: float
+    cos_to_base: float
+
+
 def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: str,
                  params: dict, hash_pool: ThreadPoolExecutor | None = None,
                  device: torch.device | None = None,
-                 calib: Sequence[Calibration | None] | None = None) -> EncodedGroup:
+                 calib: Sequence[Calibration | None] | None = None,
+                 workers: Workers | None = None) -> EncodedGroup:
     """Encode ``[N, ...]`` members against ``base`` and measure each reconstruction.
 
-    One member at a time through buffers allocated once per group (a fresh 15 MB tensor costs
-    more in page faults than the arithmetic on it): memory is the group itself plus a few
-    members. Reconstructions are synthesized from what the codec says decoding will give; their
-    sha256 is taken on ``hash_pool`` if given, while the next member is encoded. ``calib``: per
-    member, what calibrated encoders know of its inputs. The arrays come back on the CPU.
+    Members are independent: with parallel ``workers`` (on the CPU) they are encoded on the
+    workers' threads, each through its own buffers and hashing its own reconstruction; else one
+    at a time on this thread, the sha256 of each reconstruction taken on ``hash_pool`` (if
+    given) while the next member is encoded. Either way each member goes through the same
+    arithmetic: the archive does not depend on the workers. Memory is the group itself plus a
+    few members per worker. Reconstructions are synthesized from what the codec says decoding
+    will give. ``calib``: per member, what calibrated encoders know of its inputs. The arrays
+    come back on the CPU.
     """
     n_members = members.shape[0]
     flat = members.reshape(n_members, -1)
@@ -84,10 +100,9 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
     base_flat = base.reshape(-1).to(device or base.device)
     base_c = base_flat.to(cd)
     base_norm = norm(base_c)
-    w, delta = torch.empty_like(base_c), torch.empty_like(base_c)
-    ring = [torch.empty(flat.shape[1], dtype=members.dtype) for _ in range(RECON_BUFFERS)]
-    rows, shas, rel_error, cos, cos_base = [], [], [], [], []
-    for i in range(n_members):
+
+    def one(i: int, w: torch.Tensor, delta: torch.Tensor, recon: torch.Tensor,
+            hashing: ThreadPoolExecutor | None) -> _Member:
         with stage("measure"):
             w.copy_(flat[i])
             w_norm = norm(w)
@@ -96,7 +111,7 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
             if not math.isfinite(w_norm) and not all_finite(flat[i]):
                 raise NonFiniteMember(i)
             d_norm = norm(torch.sub(w, base_c, out=delta))
-            cos_base.append(_six(cos_from_norms(w_norm, base_norm, d_norm)))
+            cos_base = _six(cos_from_norms(w_norm, base_norm, d_norm))
         with stage("codec"):
             if issubclass(impl, ExactCodec):
                 row, decoded = impl.encode_exact(flat[i], base_flat, dtype, params, i)
@@ -104,15 +119,11 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
                 # Codecs may overwrite ``delta`` but keep no reference to it in their rows.
                 row, decoded = impl.encode_member(delta, dtype, params, i,
                                                   calib[i] if calib is not None else None)
-        rows.append(row)
-        recon = ring[i % RECON_BUFFERS]
-        if i >= RECON_BUFFERS and isinstance(shas[i - RECON_BUFFERS], Future):
-            shas[i - RECON_BUFFERS].result()  # its hash has read the buffer: it is free again
         with stage("measure"):
             dense = isinstance(decoded, torch.Tensor)
             syn = synthesize_decoded(decoded, base_flat, base_c, recon)
         view = tensor_bytes(recon)
-        shas.append(hash_pool.submit(_sha, view, recon) if hash_pool else _sha(view, recon))
+        sha = hashing.submit(_sha, view, recon) if hashing else _sha(view, recon)
         with stage("measure"):
             if syn.kept is not None:
                 r_norm, e_norm = _sparse_norms(syn, decoded.positions, base_norm, w, d_norm)
@@ -122,14 +133,31 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
                 recon_c = decoded.copy_(recon) if dense else recon.to(cd, copy=True)
                 r_norm = norm(recon_c)
                 e_norm = norm(recon_c.sub_(w))
-        rel_error.append(_six(e_norm / w_norm if w_norm else 0.0))
-        cos.append(_six(cos_from_norms(r_norm, w_norm, e_norm)))
-        del decoded, syn
+        return _Member(row, sha, _six(e_norm / w_norm if w_norm else 0.0),
+                       _six(cos_from_norms(r_norm, w_norm, e_norm)), cos_base)
+
+    if workers is not None and workers.parallel and base_flat.device.type == "cpu":
+        def on_worker(i: int) -> _Member:
+            n, dev = base_c.numel(), base_c.device
+            return one(i, thread_buffer("w", n, cd, dev), thread_buffer("delta", n, cd, dev),
+                       thread_buffer("recon", n, members.dtype), None)
+
+        done = list(workers.map(on_worker, range(n_members)))
+    else:
+        w, delta = torch.empty_like(base_c), torch.empty_like(base_c)
+        # A ring of reconstruction buffers: one being built while the others are hashed.
+        ring = [torch.empty(flat.shape[1], dtype=members.dtype) for _ in range(RECON_BUFFERS)]
+        done = []
+        for i in range(n_members):
+            if i >= RECON_BUFFERS and isinstance(done[i - RECON_BUFFERS].sha, Future):
+                done[i - RECON_BUFFERS].sha.result()  # its buffer is free again
+            done.append(one(i, w, delta, ring[i % RECON_BUFFERS], hash_pool))
     with stage("codec"):
-        arrays, params = impl.combine(rows, params, flat.shape[1])
+        arrays, params = impl.combine([m.row for m in done], params, flat.shape[1])
     arrays = {k: v.cpu() for k, v in arrays.items()}
-    recon_sha = [s.result() if isinstance(s, Future) else s for s in shas]
-    return EncodedGroup(base, arrays, params, recon_sha, rel_error, cos, cos_base)
+    recon_sha = [m.sha.result() if isinstance(m.sha, Future) else m.sha for m in done]
+    return EncodedGroup(base, arrays, params, recon_sha, [m.rel_error for m in done],
+                        [m.cos for m in done], [m.cos_to_base for m in done])
 
 
 def _sparse_norms(syn: Synthesized, positions: torch.Tensor, base_norm: float, w: torch.Tensor,

@@ -21,7 +21,7 @@ from .constants import INDEX_SUFFIX, SHARD_SUFFIX
 from .device import resolve_device
 from .errors import CorruptArchiveError
 from .groups import GroupArrays, Prefetch, group_arrays
-from .lanes import Lane, compute_threads, release_memory
+from .lanes import Lane, Workers, computing, release_memory, resolve_workers, thread_buffer
 from .outputs import (
     BuildDir,
     check_free_space,
@@ -58,11 +58,14 @@ def default_expand_path(archive: Path) -> Path:
 
 
 def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: bool = False,
-           device: str = "auto", reporter: Reporter | None = None) -> ExpandResult:
+           device: str = "auto", reporter: Reporter | None = None,
+           workers: int | None = None) -> ExpandResult:
     """Write the dense checkpoint an archive holds into folder ``out``; the experts are
-    synthesized on ``device``."""
+    synthesized on ``device``, by ``workers`` threads (default: every core this process may
+    use; the files are the same whatever their number)."""
     reporter = reporter or Silent()
     where = resolve_device(device)
+    resolve_workers(workers)
     archive = Path(archive)
     with ArchiveReader(archive) as reader:
         shown = Path(out) if out is not None else default_expand_path(
@@ -90,8 +93,8 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
                 for s, h in zip(m.shards, headers, strict=True):
                     fds.append(_create_shard(build, s.file, h))
                     result.files.append(s.file)
-                with compute_threads():
-                    _write_tensors(reader, m, headers, fds, reporter, where)
+                with computing(workers) as pool:
+                    _write_tensors(reader, m, headers, fds, reporter, where, pool)
                 for fd in fds:
                     os.fsync(fd)
             finally:
@@ -191,10 +194,11 @@ class _Ring:
 
 
 def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fds: list[int],
-                   reporter: Reporter, device: torch.device) -> None:
+                   reporter: Reporter, device: torch.device, workers: Workers) -> None:
     """Stored arrays in archive order (the archive is read front to back): passthrough tensors
-    are copied on the writer lane; a group's arrays are read on the reader lane while the main
-    thread synthesizes the previous group's members, which the writer lane checks and writes."""
+    are copied on the writer lane; a group's arrays are read on the reader thread while the
+    previous group's members are synthesized, checked and written: on the workers, or with one
+    worker, synthesized on this thread and checked and written on the writer lane."""
     group_of_base = {g.base["array"]: g for g in m.groups}
     order = [e.name for e in reader.data_order()]
     groups = [group_of_base[n] for n in order if n in group_of_base]
@@ -208,17 +212,37 @@ def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fd
                               target.begin, reporter)
             elif name in group_of_base:
                 parts = next(ahead)
-                g = parts.record
-                ring = _Ring(parts)
-                for i, member in enumerate(g.members):
-                    rec = m.tensors[member.tensor]
-                    entry = headers[rec.shard].tensors[member.tensor]
-                    offset, _ = member.byte_range(entry.begin, entry.nbytes)
-                    w = parts.member(i, ring.take())
-                    ring.guard(writer.submit(_write_member, reader, member.label, w,
-                                             g.recon_sha256[i], fds[rec.shard], offset,
-                                             reporter))
-                del ring
+                _write_group(reader, m, headers, fds, parts, writer, workers, reporter)
                 writer.submit(reporter.advance, 0, 1)
                 del parts
                 release_memory()
+
+
+def _write_group(reader: ArchiveReader, m: Manifest, headers: list[Header], fds: list[int],
+                 parts: GroupArrays, writer: Lane, workers: Workers, reporter: Reporter) -> None:
+    """Synthesize, check and write every member of a group: on the workers, each written where
+    it goes (a pwrite at its own offset: no order to keep); or with one worker, synthesized on
+    this thread while the writer lane checks and writes the ones before."""
+    g = parts.record
+
+    def place(i: int) -> tuple[int, int]:
+        """The shard file and offset member ``i`` is written at."""
+        member = g.members[i]
+        rec = m.tensors[member.tensor]
+        entry = headers[rec.shard].tensors[member.tensor]
+        return fds[rec.shard], member.byte_range(entry.begin, entry.nbytes)[0]
+
+    if workers.parallel and parts.base.device.type == "cpu":
+        def synthesize_and_write(i: int) -> None:
+            buf = thread_buffer("member", parts.base.numel(), parts.base.dtype)
+            _write_member(reader, g.members[i].label, parts.member(i, buf), g.recon_sha256[i],
+                          *place(i), reporter)
+
+        for _ in workers.map(synthesize_and_write, range(len(g.members))):
+            pass
+        return
+    ring = _Ring(parts)
+    for i, member in enumerate(g.members):
+        w = parts.member(i, ring.take())
+        ring.guard(writer.submit(_write_member, reader, member.label, w, g.recon_sha256[i],
+                                 *place(i), reporter))

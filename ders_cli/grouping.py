@@ -16,6 +16,7 @@ from .dtypes import TORCH_DTYPES
 from .errors import InputError
 from .finite import all_finite
 from .groups import TensorSource
+from .lanes import Workers
 from .profile import stage
 from .records import ExpertGroup, Member
 from .stats import cosine, mean_base, member_stats
@@ -113,14 +114,14 @@ def fetch_group(files: TensorSource, ckpt: Checkpoint, g: ExpertGroup,
 
 
 def prepare_group(f: Fetched, *, threshold: float, matcher: DenseMatcher | None = None,
-                  use_shared: bool = True) -> LoadedGroup:
+                  use_shared: bool = True, workers: Workers | None = None) -> LoadedGroup:
     """Let same-shape shared FFNs that are as similar as the experts join the group, and
-    choose its base (the mean, or the dense checkpoint's FFN)."""
+    choose its base (the mean, or the dense checkpoint's FFN); means on ``workers``."""
     g, weights, shas = f.group, f.weights, dict(f.shas)
     cd = compute_dtype(g.dtype)
     shared = []
     if f.candidates:
-        experts_mean = mean_base(weights).reshape(-1).to(cd)
+        experts_mean = mean_base(weights, workers).reshape(-1).to(cd)
         joined = []
         for c, t, sha in f.candidates:
             cos = cosine(t.to(cd), experts_mean)
@@ -131,7 +132,7 @@ def prepare_group(f: Fetched, *, threshold: float, matcher: DenseMatcher | None 
                 weights = torch.cat([weights, t])
                 shas.update(sha)
         g = with_members(g, tuple(joined))
-    base = mean = mean_base(weights)
+    base = mean = mean_base(weights, workers)
     base_record: dict = {"kind": "mean"}
     if matcher is not None:
         source, base, _ = matcher.match(g, mean)

@@ -23,7 +23,7 @@ from .device import resolve_device
 from .errors import CorruptArchiveError
 from .grouping import read_members
 from .groups import GroupArrays, Prefetch, group_arrays
-from .lanes import Lane, compute_threads, release_memory
+from .lanes import Lane, Workers, computing, release_memory, resolve_workers, thread_buffer
 from .profile import stage
 from .progress import Reporter, Silent
 from .records import GroupRecord
@@ -101,14 +101,17 @@ class VerifyReport:
 
 def verify(archive: str | Path, against: str | Path | None = None, *,
            max_error: float | None = None, device: str = "auto",
-           reporter: Reporter | None = None) -> VerifyReport:
+           reporter: Reporter | None = None, workers: int | None = None) -> VerifyReport:
     """Check an archive; ``report.ok`` is False with ``problems`` listed when anything is off.
+    ``workers``: threads that check a group's members (default: every core this process may
+    use).
 
     Raises InputError (not a report) when the archive is missing, is no ders archive at all, or
     comes from a newer format version; and when ``against`` cannot be opened.
     """
     reporter = reporter or Silent()
     where = resolve_device(device)
+    resolve_workers(workers)
     report = VerifyReport(Path(archive), None if against is None else str(against))
     ckpt = open_checkpoint(against) if against is not None else None
     try:
@@ -116,9 +119,9 @@ def verify(archive: str | Path, against: str | Path | None = None, *,
     except CorruptArchiveError as exc:
         report.fail(str(exc))
         return report
-    with reader, compute_threads():
+    with reader, computing(workers) as pool:
         try:
-            _verify_open(reader, ckpt, report, reporter, where)
+            _verify_open(reader, ckpt, report, reporter, where, pool)
         except CorruptArchiveError as exc:
             report.fail(str(exc))
     if max_error is not None:
@@ -130,7 +133,7 @@ def verify(archive: str | Path, against: str | Path | None = None, *,
 
 
 def _verify_open(reader: ArchiveReader, ckpt: Checkpoint | None, report: VerifyReport,
-                 reporter: Reporter, device: torch.device) -> None:
+                 reporter: Reporter, device: torch.device, workers: Workers) -> None:
     m = reader.manifest
     report.tensors = len(m.tensors)
     report.archive_bytes = reader.size
@@ -153,7 +156,7 @@ def _verify_open(reader: ArchiveReader, ckpt: Checkpoint | None, report: VerifyR
                 report.stored_arrays += 1
                 if entry.name in group_of_base:
                     fetched = next(ahead)
-                    report.groups.append(_check_group(reader, fetched, report))
+                    report.groups.append(_check_group(reader, fetched, report, workers))
                     reporter.advance(entry.nbytes, 1)
                     del fetched
                     release_memory()
@@ -214,7 +217,8 @@ def _fetch(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
     return _Fetched(g, parts, problem, original, changed)
 
 
-def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport) -> GroupCheck:
+def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport,
+                 workers: Workers) -> GroupCheck:
     g = f.record
     rel, cos = list(g.rel_error), list(g.cos)
     stored = reader.entry(g.base["array"]).nbytes + sum(
@@ -228,20 +232,33 @@ def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport) -> Gr
         report.fail(f.problem)
         return check
     cd = compute_dtype(g.dtype)
-    for i, member in enumerate(g.members):
-        w_hat = f.parts.member(i).cpu()
+    parts = f.parts
+
+    def check_member(i: int) -> tuple[bool, bool, float, float]:
+        """Whether member i synthesizes to its recorded bytes, and with --against whether it
+        is the original bit for bit, its relative error and cosine (on a worker)."""
+        on_cpu = parts.base.device.type == "cpu"
+        buf = thread_buffer("member", parts.base.numel(), parts.base.dtype) if on_cpu else None
+        w_hat = parts.member(i, buf).cpu()
         with stage("hash"):
-            digest = hashlib.sha256(tensor_bytes(w_hat)).hexdigest()
-        if digest != g.recon_sha256[i]:
-            report.fail(f"{member.label!r}: synthesis does not reproduce the recorded bytes")
+            same = hashlib.sha256(tensor_bytes(w_hat)).hexdigest() == g.recon_sha256[i]
+        if f.original is None:
+            return same, False, rel[i], cos[i]
+        wc = f.original[i].reshape(-1).to(cd)
+        hc = w_hat.to(cd)
+        w_norm, e_norm = norm(wc), norm(hc - wc)
+        return (same, _same_bytes(w_hat, f.original[i]), e_norm / w_norm if w_norm else 0.0,
+                cos_from_norms(norm(hc), w_norm, e_norm))
+
+    results = workers.map(check_member, range(len(g.members)))
+    for i, (same, exact, rel_i, cos_i) in enumerate(results):
+        rel[i], cos[i] = rel_i, cos_i
+        if not same:
+            report.fail(f"{g.members[i].label!r}: synthesis does not reproduce the recorded "
+                        "bytes")
         if f.original is not None:
             report.experts_compared += 1
-            report.experts_exact += _same_bytes(w_hat, f.original[i])
-            wc = f.original[i].reshape(-1).to(cd)
-            hc = w_hat.to(cd)
-            w_norm, e_norm = norm(wc), norm(hc - wc)
-            rel[i] = e_norm / w_norm if w_norm else 0.0
-            cos[i] = cos_from_norms(norm(hc), w_norm, e_norm)
+            report.experts_exact += exact
     check.measured = f.original is not None
     return check
 

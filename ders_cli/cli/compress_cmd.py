@@ -31,6 +31,7 @@ from .options import (
     QuietOpt,
     Rescale,
     ThresholdOpt,
+    WorkersOpt,
     examples,
     out_option,
     refuse,
@@ -104,6 +105,7 @@ def compress_cmd(
     all_groups: AllGroupsOpt = False,
     device: DeviceOpt = "auto",
     max_shard_size: MaxShardSizeOpt = "5GB",
+    workers: WorkersOpt = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -135,7 +137,7 @@ def compress_cmd(
                                          rescale.value, value_bits=bits, value_group=group_size))
     _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
          use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force,
-         max_shard_size=max_shard_size)
+         max_shard_size=max_shard_size, workers=workers)
 
 
 def quantize_cmd(
@@ -151,6 +153,7 @@ def quantize_cmd(
     all_groups: AllGroupsOpt = False,
     device: DeviceOpt = "auto",
     max_shard_size: MaxShardSizeOpt = "5GB",
+    workers: WorkersOpt = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -163,7 +166,7 @@ def quantize_cmd(
 
     _run(model, QuantSpec(bits, group_size, method.value), out_path, json, quiet, base=base,
          threshold=threshold, use_shared=not no_shared, all_groups=all_groups, device=device,
-         overwrite=force, max_shard_size=max_shard_size)
+         overwrite=force, max_shard_size=max_shard_size, workers=workers)
 
 
 def compress_spec(drop: float | None, lossless: bool, rank: int | None, target_size: str | None,

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .console import RichReporter, human_bytes, out, print_json, reported, shown
-from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt, examples, out_option
+from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt, WorkersOpt, examples, out_option
 
 EXAMPLES = examples("ders expand moe.ders                 # writes moe-expanded/",
                     "ders expand moe.ders -o ./moe-restored")
@@ -21,6 +21,7 @@ def expand_cmd(
         "The folder to write (default: ARCHIVE's name without .ders plus -expanded, beside "
         "it).")] = None,
     device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Write into an existing output folder: the archive's files replace "
                         "those of the same name, every other file stays (as hf download "
@@ -37,7 +38,7 @@ def expand_cmd(
 
     start = time.perf_counter()
     with reported():
-        result = expand(archive, out_path, overwrite=force, device=device,
+        result = expand(archive, out_path, overwrite=force, device=device, workers=workers,
                         reporter=RichReporter(quiet or json))
     if json:
         print_json(result.to_dict())

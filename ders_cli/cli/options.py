@@ -72,6 +72,10 @@ MaxShardSizeOpt = Annotated[str, typer.Option(
     help="Split an archive larger than this into shards and an index, as transformers' "
          "save_pretrained does (bytes, or 500MB, 5GB, 2GiB); an archive that fits is one "
          "file.")]
+WorkersOpt = Annotated[int | None, typer.Option(
+    "--workers", metavar="N", show_default=False,
+    help="Threads that compute (default: every core ders may use); the output is the same "
+         "whatever their number.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 

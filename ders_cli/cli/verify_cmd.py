@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .console import RichReporter, err, human_bytes, natural_key, out, print_json, reported
-from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt, examples
+from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt, WorkersOpt, examples
 
 if TYPE_CHECKING:
     from ..verify import VerifyReport
@@ -29,6 +29,7 @@ def verify_cmd(
         help="Fail (exit 1) when an expert's relative error exceeds E: measured with --against, "
              "else as recorded when the archive was written.")] = None,
     device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -40,7 +41,7 @@ def verify_cmd(
     from ..verify import verify
 
     with reported():
-        report = verify(archive, against, max_error=max_error, device=device,
+        report = verify(archive, against, max_error=max_error, device=device, workers=workers,
                         reporter=RichReporter(quiet or json))
     if json:
         print_json(report.to_dict())

@@ -9,7 +9,6 @@ reads these frames; the settings below are only this writer's choice.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 import zstandard
 
+from ..lanes import usable_cores, worker_count
 from ..profile import stage
 
 # Unsigned words by width in bytes, and the signed types torch can view floats as.
@@ -118,25 +118,21 @@ class FramePool:
         return future
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, not the machine's count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-_FRAMES: list[FramePool] = []
+_FRAMES: dict[int, FramePool] = {}
 _FRAMES_LOCK = threading.Lock()
 
 
 def frame_pool() -> FramePool:
-    """The process's pool of zstd threads (created on first use)."""
-    if not _FRAMES:
+    """The process's pool of zstd threads for the running command's worker count (created on
+    first use)."""
+    threads = worker_count()
+    pool = _FRAMES.get(threads)
+    if pool is None:
         with _FRAMES_LOCK:
-            if not _FRAMES:
-                _FRAMES.append(FramePool())
-    return _FRAMES[0]
+            pool = _FRAMES.get(threads)
+            if pool is None:
+                pool = _FRAMES[threads] = FramePool(threads)
+    return pool
 
 
 def unpack(frame: bytes | memoryview, n: int, width: int) -> np.ndarray:
