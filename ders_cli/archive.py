@@ -53,6 +53,7 @@ from .errors import (
     OutputExistsError,
     UsageError,
 )
+from .hub import HubOptions, resolve_archive
 from .interrupts import critical
 from .outputs import create_exclusive, temp_path
 from .profile import stage
@@ -431,16 +432,20 @@ class ArchiveReader:
     written or a buffer sized by the archive is allocated.
 
     ``path``: a one-file archive, a sharded archive's index or one of its shards, a folder
-    holding one archive (a ders folder: config.json names it), or an output name a sharded
-    archive was written to (its index is found beside it).
+    holding one archive (a ders folder: config.json names it), an output name a sharded
+    archive was written to (its index is found beside it), or a Hugging Face Hub repo id
+    (``org/name``, ``org/name/FILE``), downloaded through huggingface_hub at ``revision``
+    with ``token`` and ``cache_dir`` (ders_cli.hub); ``source`` says where it came from.
 
     A check that fails because bytes differ from what the writer hashed raises
     CorruptArchiveError; one that fails on bytes the header hash vouches for (the archive was
     written that way) raises InvalidArchiveError."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = locate_archive(Path(path))
+    def __init__(self, path: str | Path, *, revision: str | None = None,
+                 token: str | bool | None = None, cache_dir: str | Path | None = None) -> None:
         self._files: list[TensorFile] = []
+        self.source = resolve_archive(path, HubOptions(revision, token, cache_dir))
+        self.path = locate_archive(self.source.path)
         try:
             if self.path.name.endswith(INDEX_SUFFIX):
                 self._open_index(self.path)
@@ -542,23 +547,7 @@ class ArchiveReader:
 
     def _open_index(self, index: Path) -> None:
         """A sharded archive (docs/FORMAT.md 10.1): the index, then every shard against it."""
-        raw = _read_index(index)
-        if not raw.startswith(INDEX_PREFIX):
-            if b'"ders.' not in raw[:4096]:
-                raise InputError("not a ders archive: an index without a ders manifest", index)
-            raise CorruptArchiveError("index does not begin with the ders index hash", index)
-        if index_hash(raw).encode() != raw[len(INDEX_PREFIX) : len(INDEX_PREFIX) + HASH_HEX_LEN]:
-            raise CorruptArchiveError("index checksum mismatch: the index was altered", index)
-        try:
-            doc = safejson.loads(raw)
-        except ValueError as exc:
-            raise self._invalid(f"index: {exc}") from None
-        meta = doc.get("metadata") if isinstance(doc, dict) else None
-        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-        if not isinstance(meta, dict) or not isinstance(weight_map, dict):
-            raise self._invalid("index lacks its metadata or weight_map object")
-        if meta.get(META_FORMAT) != FORMAT_NAME:
-            raise self._invalid("index metadata does not name the ders format")
+        raw, meta, weight_map = read_index(index)
         version = self._check_version(meta, least=SHARDED_VERSION)
         self._read_manifest(meta.get(META_MANIFEST), version)
         shards = _shard_records(meta.get(META_SHARDS))
@@ -832,14 +821,43 @@ def _sibling(path: Path, name: str) -> Path | None:
     return path.parent / name
 
 
-def _read_index(index: Path) -> bytes:
+def read_index(index: Path) -> tuple[bytes, dict, dict]:
+    """A sharded archive's index (docs/FORMAT.md 10.1, rule 1 but the version and manifest):
+    its bytes, its metadata and weight_map, the index hash checked before the JSON is parsed."""
     fd = open_regular(index, "an archive index")
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > MAX_INDEX_BYTES:
             raise InputError(f"not a ders archive index: {size} bytes, more than the "
                              f"{MAX_INDEX_BYTES}-byte limit", index)
-        return f.read(size)
+        raw = f.read(size)
+    if not raw.startswith(INDEX_PREFIX):
+        if b'"ders.' not in raw[:4096]:
+            raise InputError("not a ders archive: an index without a ders manifest", index)
+        raise CorruptArchiveError("index does not begin with the ders index hash", index)
+    if index_hash(raw).encode() != raw[len(INDEX_PREFIX) : len(INDEX_PREFIX) + HASH_HEX_LEN]:
+        raise CorruptArchiveError("index checksum mismatch: the index was altered", index)
+    try:
+        doc = safejson.loads(raw)
+    except ValueError as exc:
+        raise _invalid(f"index: {exc}", index) from None
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(meta, dict) or not isinstance(weight_map, dict):
+        raise _invalid("index lacks its metadata or weight_map object", index)
+    if meta.get(META_FORMAT) != FORMAT_NAME:
+        raise _invalid("index metadata does not name the ders format", index)
+    return raw, meta, weight_map
+
+
+def index_shards(index: Path) -> list[str]:
+    """The shard file names a sharded archive's index lists, checked (docs/FORMAT.md 10.1,
+    rules 1-2): what to fetch beside it."""
+    _, meta, _ = read_index(index)
+    shards = _shard_records(meta.get(META_SHARDS))
+    if isinstance(shards, str):
+        raise _invalid(shards, index)
+    return [s[0] for s in shards]
 
 
 def _shard_records(records: object) -> list[tuple[str, int, str]] | str:

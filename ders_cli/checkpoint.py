@@ -15,23 +15,21 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from . import safejson
+from .archive import folder_archive_name
 from .constants import HEADER_PREFIX, INDEX_PREFIX, INDEX_SUFFIX, RESERVED_PREFIX, SHARD_SUFFIX
 from .errors import InputError
+from .hub import MODEL_IGNORE, HubOptions, Resolved, resolve_model
 from .records import check_paths, text_problem
 from .safetensors_io import Header, TensorEntry, TensorFile, not_regular, open_regular, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 # Directories that belong to tools, not to the model: never side files.
 SKIP_DIRS = {".git", ".cache", "__pycache__", ".ipynb_checkpoints"}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-# What a Hub download fetches: weights in safetensors form and every small side file.
 # What a killed ders run leaves beside its output (ders_cli.outputs); never side files.
 _LEFTOVER = re.compile(r"\..+\.(partial|old)-\d+")
 # Largest config.json and shard index ders reads (an index of a 1T-parameter model is ~10 MB).
 MAX_CONFIG_BYTES = 16 << 20
 MAX_INDEX_BYTES = 256 << 20
-HUB_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf",
-              "*.ot", "*.tflite", "*.mlmodel", "original/*", "*.pdparams"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +50,8 @@ class Checkpoint:
     where: dict[str, tuple[int, TensorEntry]]  # tensor name -> (shard index, entry)
     config: dict | None = None  # config.json, a hint for detection only
     skipped: tuple[str, ...] = ()  # a line for each file left out on purpose (for warnings)
+    repo_id: str | None = None  # the Hub repo it was downloaded from
+    revision: str | None = None  # and the commit
 
     @property
     def tensor_bytes(self) -> int:
@@ -107,42 +107,20 @@ class ShardFiles:
         self.close()
 
 
-def resolve(spec: str | Path) -> Path:
-    """A local path as it is; a Hub repo id downloaded (or found in the local cache)."""
-    path = Path(spec).expanduser()
-    if path.exists():
-        return path
-    text = str(spec)
-    if _REPO_ID.match(text.split("@", 1)[0]):
-        return _from_hub(text)
-    raise InputError("no such file or folder", path)
-
-
-def _from_hub(spec: str) -> Path:
-    repo_id, _, revision = spec.partition("@")
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None,
-                                      ignore_patterns=HUB_IGNORE))
-    except Exception as exc:  # the hub raises many types; all mean "cannot get it"
-        if constants.HF_HUB_OFFLINE:
-            why = "and not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
-        else:
-            why = f"and the Hugging Face Hub could not provide it ({type(exc).__name__})"
-        raise InputError(f"not a local path, {why}", spec) from None
-
-
-def open_checkpoint(spec: str | Path) -> Checkpoint:
-    """Find and validate a checkpoint: a folder, a .safetensors file or a Hub repo id."""
-    local = Path(spec).expanduser().exists()
-    path = resolve(spec)
-    ignore = () if local else HUB_IGNORE  # a cached snapshot may hold other formats' weights
+def open_checkpoint(spec: str | Path, hub: HubOptions | None = None) -> Checkpoint:
+    """Find and validate a checkpoint: a folder, a .safetensors file or a Hub repo id (at
+    ``hub.revision``; see ders_cli.hub)."""
+    found = resolve_model(spec, hub)
+    path, local = found.path, found.repo_id is None
+    ignore = () if local else MODEL_IGNORE  # a cached snapshot may hold other formats' weights
     if not path.is_dir():
         if path.suffix != ".safetensors":
             raise InputError("expected a model folder or a .safetensors file", path)
         shards = (Shard(path.name, read_header(path)),)  # refuses FIFOs, devices, folders
-        return _build(path.parent, "file", path.stem, shards, ())
+        return _build(path.parent, "file", path.stem, shards, (), found=found)
+    if folder_archive_name(path / "config.json") is not None:
+        raise InputError("is a ders folder (its config.json names a ders archive): expand it "
+                         "first (ders expand), or load it with from_pretrained", spec)
     files, side, skipped = _model_files(path)
     if not files:
         raise InputError("no .safetensors files in this folder", path)
@@ -154,12 +132,13 @@ def open_checkpoint(spec: str | Path) -> Checkpoint:
     except ValueError as exc:
         raise InputError(str(exc), path) from None
     # A Hub repo id names its outputs after the repo, not after the cache's snapshot hash.
-    name = path.resolve().name if local else str(spec).split("@", 1)[0].rsplit("/", 1)[-1]
-    return _build(path, "folder", name, shards, tuple(side), tuple(skipped))
+    name = path.resolve().name if local else found.name
+    return _build(path, "folder", name, shards, tuple(side), tuple(skipped), found)
 
 
 def _build(root: Path, kind: str, name: str, shards: tuple[Shard, ...],
-           side: tuple[str, ...], skipped: tuple[str, ...] = ()) -> Checkpoint:
+           side: tuple[str, ...], skipped: tuple[str, ...] = (),
+           found: Resolved | None = None) -> Checkpoint:
     where: dict[str, tuple[int, TensorEntry]] = {}
     for i, shard in enumerate(shards):
         for tname, entry in shard.header.tensors.items():
@@ -180,7 +159,9 @@ def _build(root: Path, kind: str, name: str, shards: tuple[Shard, ...],
         if not isinstance(config, dict):
             config = None  # a hint only: a config that says nothing is the model's business
     return Checkpoint(root=root, kind=kind, name=name, shards=shards, side_files=side,
-                      where=where, config=config, skipped=skipped)
+                      where=where, config=config, skipped=skipped,
+                      repo_id=found.repo_id if found else None,
+                      revision=found.revision if found else None)
 
 
 def _read_json(path: Path, limit: int) -> object:

@@ -36,6 +36,7 @@ from .device import resolve_device
 from .errors import InputError, UsageError
 from .grouping import Fetched, LoadedGroup, fetch_group, non_finite, prepare_group
 from .groups import Prefetch, TensorSource
+from .hub import HubOptions
 from .lanes import Lane, Workers, computing, release_memory, resolve_workers
 from .outputs import check_new_output, output_path, sweep_leftovers, writing
 from .plan import estimate_header, estimate_table, units
@@ -112,7 +113,9 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
              reporter: Reporter | None = None, reserve: int | None = None,
              given: Sequence[GivenEncoding] = (),
              max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
-             workers: int | None = None) -> CompressResult:
+             workers: int | None = None, revision: str | None = None,
+             token: str | bool | None = None,
+             cache_dir: str | Path | None = None) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
     LosslessSpec, LowRankSpec) or one chosen per group (TargetSpec: --max-error,
     --target-size).
@@ -132,16 +135,20 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
 
     ``workers``: threads that encode the members of a group in parallel (default: every core
     this process may use); the archive is the same whatever their number.
+
+    ``model`` (and ``base``) may be Hub repo ids: ``revision`` (of ``model``), ``token`` and
+    ``cache_dir`` as huggingface_hub takes them (ders_cli.hub).
     """
     _check_settings(spec, given, threshold, device, max_shard_size, workers)
-    ckpt = open_checkpoint(model)
+    hub = HubOptions(revision, token, cache_dir)
+    ckpt = open_checkpoint(model, hub)
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
     with ckpt.open() as files:
         return compress_checkpoint(ckpt, files, spec, dest, base=base, threshold=threshold,
                                    use_shared=use_shared, all_groups=all_groups,
                                    overwrite=overwrite, device=device, reporter=reporter,
                                    reserve=reserve, given=given, max_shard_size=max_shard_size,
-                                   named=model, workers=workers)
+                                   named=model, workers=workers, hub=hub)
 
 
 def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
@@ -153,11 +160,13 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
                         given: Sequence[GivenEncoding] = (),
                         max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
                         named: str | Path | None = None,
-                        workers: int | None = None) -> CompressResult:
+                        workers: int | None = None,
+                        hub: HubOptions | None = None) -> CompressResult:
     """``compress`` of a checkpoint described by ``ckpt`` (its shard headers, side files and
     where every tensor is) whose tensor bytes are read through ``source``: its shard files
     (``ckpt.open()``), or tensors held in memory. Options as ``compress``; ``named``: what
-    errors about the checkpoint name (default its root)."""
+    errors about the checkpoint name (default its root); ``hub``: how to reach a ``base`` that
+    is a Hub repo id."""
     where, limit = _check_settings(spec, given, threshold, device, max_shard_size, workers)
     reporter = reporter or Silent()
     if given:
@@ -175,7 +184,8 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
     leftovers = sweep_leftovers(dest) + sweep_leftovers(index_path(dest))
     matcher = None
     if str(base) != "mean":
-        matcher = DenseMatcher(open_checkpoint(base), threshold)
+        matcher = DenseMatcher(open_checkpoint(base, (hub or HubOptions()).without_revision()),
+                               threshold)
     try:
         policy = None if spec is None else Policy.for_run(ckpt, found, spec, threshold,
                                                           all_groups)

@@ -59,17 +59,25 @@ def default_expand_path(archive: Path) -> Path:
 
 def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: bool = False,
            device: str = "auto", reporter: Reporter | None = None,
-           workers: int | None = None) -> ExpandResult:
+           workers: int | None = None, revision: str | None = None,
+           token: str | bool | None = None,
+           cache_dir: str | Path | None = None) -> ExpandResult:
     """Write the dense checkpoint an archive holds into folder ``out``; the experts are
     synthesized on ``device``, by ``workers`` threads (default: every core this process may
-    use; the files are the same whatever their number)."""
+    use; the files are the same whatever their number). ``archive`` may be a Hub repo id
+    (``revision``, ``token``, ``cache_dir``: see ders_cli.hub); its default output is then in
+    the working folder."""
     reporter = reporter or Silent()
     where = resolve_device(device)
     resolve_workers(workers)
-    archive = Path(archive)
-    with ArchiveReader(archive) as reader:
-        shown = Path(out) if out is not None else default_expand_path(
-            archive if archive.is_dir() else reader.path)
+    with ArchiveReader(archive, revision=revision, token=token, cache_dir=cache_dir) as reader:
+        if out is not None:
+            shown = Path(out)
+        elif reader.source.repo_id is not None:  # beside the user, not in the Hub's cache
+            shown = Path.cwd() / f"{reader.source.name}-expanded"
+        else:
+            named = reader.source.path
+            shown = default_expand_path(named if named.is_dir() else reader.path)
         dest = output_path(shown)
         check_new_output(dest, overwrite, folder=True)
         m = reader.manifest

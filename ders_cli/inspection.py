@@ -15,6 +15,7 @@ from .dense_base import DenseMatcher
 from .detect import find_groups, layer_of, nothing_to_compress, quantized_summary
 from .errors import UsageError
 from .grouping import load_group
+from .hub import HubOptions
 from .lanes import compute_threads
 from .plan import planned_size
 from .progress import Reporter, Silent
@@ -82,14 +83,19 @@ class InspectReport:
 
 def inspect_model(model: str | Path, *, base: str | Path = "mean",
                   threshold: float = DEFAULT_UPCYCLED_COS, use_shared: bool = True,
-                  reporter: Reporter | None = None) -> InspectReport:
-    """Measure every expert group of ``model`` against its base (mean, or a dense checkpoint)."""
+                  reporter: Reporter | None = None, revision: str | None = None,
+                  token: str | bool | None = None,
+                  cache_dir: str | Path | None = None) -> InspectReport:
+    """Measure every expert group of ``model`` against its base (mean, or a dense checkpoint).
+    Hub repo ids take ``revision`` (of ``model``), ``token`` and ``cache_dir``."""
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"threshold must be in [0, 1], got {threshold}", param="threshold")
     reporter = reporter or Silent()
-    ckpt = open_checkpoint(model)
+    hub = HubOptions(revision, token, cache_dir)
+    ckpt = open_checkpoint(model, hub)
     found = find_groups({n: e for n, (_, e) in ckpt.where.items()}, ckpt.config)
-    matcher = DenseMatcher(open_checkpoint(base), threshold) if str(base) != "mean" else None
+    matcher = (DenseMatcher(open_checkpoint(base, hub.without_revision()), threshold)
+               if str(base) != "mean" else None)
     report = InspectReport(str(model), threshold, sum(e.numel for _, e in ckpt.where.values()),
                            0, 0, ckpt.tensor_bytes, ckpt.side_bytes, ckpt.disk_bytes,
                            skipped=[s.to_dict() for s in found.skipped],

@@ -23,6 +23,7 @@ from .device import resolve_device
 from .errors import CorruptArchiveError
 from .grouping import read_members
 from .groups import GroupArrays, Prefetch, group_arrays
+from .hub import HubOptions
 from .lanes import Lane, Workers, computing, release_memory, resolve_workers, thread_buffer
 from .profile import stage
 from .progress import Reporter, Silent
@@ -101,21 +102,25 @@ class VerifyReport:
 
 def verify(archive: str | Path, against: str | Path | None = None, *,
            max_error: float | None = None, device: str = "auto",
-           reporter: Reporter | None = None, workers: int | None = None) -> VerifyReport:
+           reporter: Reporter | None = None, workers: int | None = None,
+           revision: str | None = None, token: str | bool | None = None,
+           cache_dir: str | Path | None = None) -> VerifyReport:
     """Check an archive; ``report.ok`` is False with ``problems`` listed when anything is off.
     ``workers``: threads that check a group's members (default: every core this process may
     use).
 
     Raises InputError (not a report) when the archive is missing, is no ders archive at all, or
-    comes from a newer format version; and when ``against`` cannot be opened.
+    comes from a newer format version; and when ``against`` cannot be opened. ``archive`` and
+    ``against`` may be Hub repo ids (``revision``: the archive's; ``token``, ``cache_dir``).
     """
     reporter = reporter or Silent()
     where = resolve_device(device)
     resolve_workers(workers)
     report = VerifyReport(Path(archive), None if against is None else str(against))
-    ckpt = open_checkpoint(against) if against is not None else None
+    hub = HubOptions(revision, token, cache_dir)
+    ckpt = open_checkpoint(against, hub.without_revision()) if against is not None else None
     try:
-        reader = ArchiveReader(archive)
+        reader = ArchiveReader(archive, revision=revision, token=token, cache_dir=cache_dir)
     except CorruptArchiveError as exc:
         report.fail(str(exc))
         return report

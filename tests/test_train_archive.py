@@ -152,7 +152,7 @@ def test_ders_upcycle_bad_options_exit_2_with_one_line(tmp_path, args, message):
 
 def test_ders_upcycle_of_a_missing_folder(tmp_path):
     res = runner.invoke(app, ["upcycle", str(tmp_path / "nope"), "-o", str(tmp_path / "o.ders")])
-    assert res.exit_code == 2 and "no config.json" in res.output
+    assert res.exit_code == 2 and "no such file or folder" in res.output
 
 
 def test_the_tokenizer_of_an_upcycled_archive_survives_training_and_save_archive(tmp_path):

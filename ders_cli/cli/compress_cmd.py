@@ -19,6 +19,7 @@ from .options import (
     DEFAULT_THRESHOLD,
     AllGroupsOpt,
     BaseOpt,
+    CacheDirOpt,
     DeviceOpt,
     ForceOpt,
     GroupSizeOpt,
@@ -30,7 +31,9 @@ from .options import (
     NoSharedOpt,
     QuietOpt,
     Rescale,
+    RevisionOpt,
     ThresholdOpt,
+    TokenOpt,
     WorkersOpt,
     examples,
     out_option,
@@ -55,7 +58,7 @@ COMPRESS_EXAMPLES = examples(
     "ders compress ./moe --lossless                      # every expert bit for bit",
     "ders compress ./moe --rank 8                        # low-rank deltas",
     "ders compress ./moe --max-error 0.005               # per group the cheapest within it",
-    "ders compress org/moe@main --target-size 25% -o moe.ders")
+    "ders compress org/moe --revision v1 --target-size 25% -o moe.ders")
 QUANTIZE_EXAMPLES = examples(
     "ders quantize ./moe --bits 2",
     "ders quantize ./moe --bits 4 --method rtn -o moe-q4.ders")
@@ -106,6 +109,9 @@ def compress_cmd(
     device: DeviceOpt = "auto",
     max_shard_size: MaxShardSizeOpt = "5GB",
     workers: WorkersOpt = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -137,7 +143,8 @@ def compress_cmd(
                                          rescale.value, value_bits=bits, value_group=group_size))
     _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
          use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force,
-         max_shard_size=max_shard_size, workers=workers)
+         max_shard_size=max_shard_size, workers=workers, revision=revision, token=token,
+         cache_dir=cache_dir)
 
 
 def quantize_cmd(
@@ -154,6 +161,9 @@ def quantize_cmd(
     device: DeviceOpt = "auto",
     max_shard_size: MaxShardSizeOpt = "5GB",
     workers: WorkersOpt = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -166,7 +176,8 @@ def quantize_cmd(
 
     _run(model, QuantSpec(bits, group_size, method.value), out_path, json, quiet, base=base,
          threshold=threshold, use_shared=not no_shared, all_groups=all_groups, device=device,
-         overwrite=force, max_shard_size=max_shard_size, workers=workers)
+         overwrite=force, max_shard_size=max_shard_size, workers=workers, revision=revision,
+         token=token, cache_dir=cache_dir)
 
 
 def compress_spec(drop: float | None, lossless: bool, rank: int | None, target_size: str | None,

@@ -9,10 +9,22 @@ from typing import Annotated
 import typer
 
 from .console import RichReporter, human_bytes, out, print_json, reported, shown
-from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt, WorkersOpt, examples, out_option
+from .options import (
+    ArchiveArg,
+    CacheDirOpt,
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    WorkersOpt,
+    examples,
+    out_option,
+)
 
 EXAMPLES = examples("ders expand moe.ders                 # writes moe-expanded/",
-                    "ders expand moe.ders -o ./moe-restored")
+                    "ders expand moe.ders -o ./moe-restored",
+                    "ders expand org/moe-ders --revision v1  # from the Hub: moe-ders-expanded/")
 
 
 def expand_cmd(
@@ -22,6 +34,9 @@ def expand_cmd(
         "it).")] = None,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Write into an existing output folder: the archive's files replace "
                         "those of the same name, every other file stays (as hf download "
@@ -39,7 +54,8 @@ def expand_cmd(
     start = time.perf_counter()
     with reported():
         result = expand(archive, out_path, overwrite=force, device=device, workers=workers,
-                        reporter=RichReporter(quiet or json))
+                        reporter=RichReporter(quiet or json), revision=revision, token=token,
+                        cache_dir=cache_dir)
     if json:
         print_json(result.to_dict())
         return

@@ -21,11 +21,14 @@ from .console import (
 from .options import (
     DEFAULT_THRESHOLD,
     BaseOpt,
+    CacheDirOpt,
     JsonOpt,
     ModelArg,
     NoSharedOpt,
     QuietOpt,
+    RevisionOpt,
     ThresholdOpt,
+    TokenOpt,
     examples,
 )
 
@@ -47,6 +50,9 @@ def inspect_cmd(
         "--plot", metavar="PNG", show_default=False,
         help="Also draw the expert-similarity heat maps to this image (pip install "
              "'ders[plot]').")] = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -58,7 +64,8 @@ def inspect_cmd(
 
     with reported():
         report = inspect_model(model, base=base, threshold=threshold, use_shared=not no_shared,
-                               reporter=RichReporter(quiet or json))
+                               reporter=RichReporter(quiet or json), revision=revision,
+                               token=token, cache_dir=cache_dir)
         if plot is not None:
             from ..plot import plot_similarity
 

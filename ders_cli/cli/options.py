@@ -41,9 +41,24 @@ DEFAULT_METHOD = Method(DEFAULT_QUANT_METHOD)
 ModelArg = Annotated[str, typer.Argument(
     metavar="MODEL", show_default=False,
     help="A folder of *.safetensors (one file or shards with their index), a single "
-         ".safetensors file, or a Hugging Face Hub repo id (org/name, org/name@revision).")]
-ArchiveArg = Annotated[Path, typer.Argument(metavar="ARCHIVE", show_default=False,
-                                            help="A .ders archive.")]
+         ".safetensors file, or a Hugging Face Hub repo id (org/name; a revision with "
+         "--revision, or org/name@REVISION).")]
+ArchiveArg = Annotated[str, typer.Argument(
+    metavar="ARCHIVE", show_default=False,
+    help="A .ders archive: its file, a sharded archive's index (or the name it was written "
+         "to), a folder holding one (a ders folder), or a Hugging Face Hub repo id (org/name, "
+         "org/name/FILE for one of several).")]
+RevisionOpt = Annotated[str | None, typer.Option(
+    "--revision", metavar="REV", show_default=False,
+    help="For a Hub repo id: the branch, tag or commit to read (default: main).")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", metavar="TOKEN", show_default=False,
+    help="Hugging Face token for private or gated repos (default: HF_TOKEN, or the login "
+         "saved by hf auth login).")]
+CacheDirOpt = Annotated[Path | None, typer.Option(
+    "--cache-dir", metavar="DIR", show_default=False,
+    help="The Hugging Face cache to read and fill (default: HF_HUB_CACHE, or HF_HOME/hub); "
+         "HF_HUB_OFFLINE=1 reads it alone.")]
 BaseOpt = Annotated[str, typer.Option(
     "--base", metavar="mean|DENSE",
     help="The base of each group: 'mean' (the element-wise mean of its experts) or a dense "

@@ -9,11 +9,23 @@ from typing import Annotated
 import typer
 
 from .console import RichReporter, human_bytes, out, print_json, reported, shown
-from .options import ForceOpt, JsonOpt, QuietOpt, UpcycleMode, examples, out_option, refuse
+from .options import (
+    CacheDirOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    UpcycleMode,
+    examples,
+    out_option,
+    refuse,
+)
 
-DenseArg = Annotated[Path, typer.Argument(
+DenseArg = Annotated[str, typer.Argument(
     metavar="DENSE", show_default=False,
-    help="A dense Llama, Mistral or Qwen2-style model folder (config.json + safetensors).")]
+    help="A dense Llama, Mistral or Qwen2-style model folder (config.json + safetensors), or "
+         "a Hugging Face Hub repo id.")]
 
 EXAMPLES = examples(
     "ders upcycle ./dense -o moe.ders --experts 8 --mode lowrank --rank 4    # DeRS-LM",
@@ -43,6 +55,9 @@ def upcycle_cmd(
                             "shared expert), in the same DeRS group.")] = False,
     seed: Annotated[int, typer.Option("--seed", metavar="N",
                                       help="Seed of routers, masks and A.")] = 0,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -65,7 +80,8 @@ def upcycle_cmd(
     start = time.perf_counter()
     with reported():
         result = upcycle_checkpoint(dense, out_path, spec, overwrite=force,
-                                    reporter=RichReporter(quiet or json))
+                                    reporter=RichReporter(quiet or json), revision=revision,
+                                    token=token, cache_dir=cache_dir)
     if json:
         doc = result.to_dict()
         doc["seconds"] = time.perf_counter() - start

@@ -9,13 +9,24 @@ from rich.markup import escape
 from rich.table import Table
 
 from .console import RichReporter, err, human_bytes, natural_key, out, print_json, reported
-from .options import ArchiveArg, DeviceOpt, JsonOpt, QuietOpt, WorkersOpt, examples
+from .options import (
+    ArchiveArg,
+    CacheDirOpt,
+    DeviceOpt,
+    JsonOpt,
+    QuietOpt,
+    RevisionOpt,
+    TokenOpt,
+    WorkersOpt,
+    examples,
+)
 
 if TYPE_CHECKING:
     from ..verify import VerifyReport
 
 EXAMPLES = examples("ders verify moe.ders                 # checksums and synthesis",
-                    "ders verify moe.ders --against ./moe --max-error 0.01")
+                    "ders verify moe.ders --against ./moe --max-error 0.01",
+                    "ders verify org/moe-ders --against org/moe   # both from the Hub")
 
 
 def verify_cmd(
@@ -30,6 +41,9 @@ def verify_cmd(
              "else as recorded when the archive was written.")] = None,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    revision: RevisionOpt = None,
+    token: TokenOpt = None,
+    cache_dir: CacheDirOpt = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -42,7 +56,8 @@ def verify_cmd(
 
     with reported():
         report = verify(archive, against, max_error=max_error, device=device, workers=workers,
-                        reporter=RichReporter(quiet or json))
+                        reporter=RichReporter(quiet or json), revision=revision, token=token,
+                        cache_dir=cache_dir)
     if json:
         print_json(report.to_dict())
     else:

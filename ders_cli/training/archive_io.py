@@ -198,13 +198,17 @@ def _load_projection(am: ArchiveModel, slot: ExpertSlot, dtype: torch.dtype) -> 
 
 
 def upcycle_checkpoint(dense: str | Path, out: str | Path, spec: UpcycleSpec, *,
-                       overwrite: bool = False, reporter: Reporter | None = None
-                       ) -> CompressResult:
-    """``ders upcycle``: a dense checkpoint folder into a DeRS MoE archive, ready to train."""
+                       overwrite: bool = False, reporter: Reporter | None = None,
+                       revision: str | None = None, token: str | bool | None = None,
+                       cache_dir: str | Path | None = None) -> CompressResult:
+    """``ders upcycle``: a dense checkpoint folder (or Hub repo id, at ``revision``, with
+    ``token`` and ``cache_dir``) into a DeRS MoE archive, ready to train."""
     from transformers import AutoModelForCausalLM
 
+    from ..hub import HubOptions, resolve_model
+
     spec.check()
-    dense = Path(dense)
+    dense = resolve_model(dense, HubOptions(revision, token, cache_dir)).path
     if not (dense / "config.json").is_file():
         raise InputError("not a transformers model folder (no config.json)", dense)
     out = Path(out)
