@@ -266,7 +266,9 @@ class ArchiveSharedExpert(nn.Module):
 
 def load_from_archive(archive: str | Path, *, mode: str = "auto",
                       dtype: torch.dtype | str | None = None, device_map: Any = None,
-                      device: str | None = None, cache_gb: float | None = None) -> nn.Module:
+                      device: str | None = None, cache_gb: float | None = None,
+                      revision: str | None = None, token: str | bool | None = None,
+                      cache_dir: str | Path | None = None) -> nn.Module:
     """A transformers causal LM whose experts stay base plus deltas (module docstring): what
     ``AutoModelForCausalLM.from_pretrained`` gives for a ders folder holding ``archive``.
 
@@ -279,6 +281,8 @@ def load_from_archive(archive: str | Path, *, mode: str = "auto",
     transformers takes it ("cpu", "cuda", "auto", a dict); ``device`` is short for a device_map
     of one device. ``cache_gb``: the budget, in GB, of experts kept once synthesized (default:
     no limit, the speed of the expanded model; 0: synthesize at every use, the least memory).
+    ``archive``: anything ArchiveReader opens (a file, a sharded archive, a ders folder, a Hub
+    repo id at ``revision``, with ``token`` and ``cache_dir``).
     """
     if mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", param="mode")
@@ -291,7 +295,7 @@ def load_from_archive(archive: str | Path, *, mode: str = "auto",
     from .hf.quantizer import ARCHIVE_NAME, folder_config, register
 
     register()
-    with ArchiveReader(archive) as reader:
+    with ArchiveReader(archive, revision=revision, token=token, cache_dir=cache_dir) as reader:
         am = open_archive_model(reader)
         default = _dtype(am)
         # A sharded archive keeps its files' names: its index names its shards.

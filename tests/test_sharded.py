@@ -440,3 +440,32 @@ def test_a_folder_with_several_archives_asks_for_one(one_file, sharded, tmp_path
     refused(tmp_path, InputError, r"several archives \(a.ders, b.ders\): name one")
     refused(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None, InputError,
             "no ders archive in this folder")
+
+
+def test_load_from_archive_of_a_sharded_archive_and_from_a_hub_cache(tmp_path, monkeypatch):
+    """The runtime opens a sharded archive (and a repo id of one) like a one-file archive: the
+    logits are those of the expanded checkpoint, bit for bit."""
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    from ders_cli.runtime import load_from_archive
+    from fixtures.upcycled import Dims, make_upcycled
+    from tests.test_hub import cache_repo
+
+    model = make_upcycled(tmp_path / "m", Dims(vocab=128), family="mixtral")
+    (tmp_path / "a").mkdir()
+    r = ders.compress(model, ders.SparseSpec(0.9), tmp_path / "a" / "m.ders",
+                      max_shard_size=100_000)
+    assert len(r.files) > 3
+    ders.expand(r.archive, tmp_path / "x")
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "x", experts_implementation="eager").eval()(tokens).logits
+        assert torch.equal(load_from_archive(r.archive)(tokens).logits, ref)
+    cache_repo(tmp_path / "cache", "acme/m-ders", {Path(f).name: Path(f) for f in r.files},
+               "c" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with torch.no_grad():
+        got = load_from_archive("acme/m-ders", cache_dir=tmp_path / "cache")(tokens).logits
+    assert torch.equal(got, ref)
