@@ -179,9 +179,9 @@ def measure(kind: str, path: Path, a: argparse.Namespace) -> dict:
 
 def cached_bytes(model) -> int:
     """Bytes of the experts an archive model keeps once synthesized."""
-    from ders_cli.runtime import ArchiveExperts
+    from ders_cli.hf.experts import DersExperts
 
-    caches = {id(m.cache): m.cache for m in model.modules() if isinstance(m, ArchiveExperts)}
+    caches = {id(m.cache): m.cache for m in model.modules() if isinstance(m, DersExperts)}
     return sum(c.nbytes for c in caches.values())
 
 

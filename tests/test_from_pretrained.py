@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ders_cli import QuantSpec, SparseSpec, compress, expand
+from ders_cli.hf.experts import DersExperts
 from ders_cli.hf.quantizer import ARCHIVE_NAME, NEEDS_DERS, write_folder
-from ders_cli.runtime import ArchiveExperts
 from ders_cli.training import upcycle_model
 from ders_cli.training.archive_io import save_archive
 from fixtures.tiny_dense import tiny_dense
@@ -72,7 +72,7 @@ def test_from_pretrained_equals_the_expanded_checkpoint(folders, family):
         ref = _auto().from_pretrained(folders / f"{family}-expanded", dtype=dtype,
                                       experts_implementation="eager")
         assert model.dtype == ref.dtype
-        experts = [m for m in model.modules() if isinstance(m, ArchiveExperts)]
+        experts = [m for m in model.modules() if isinstance(m, DersExperts)]
         out, want = _logits(model), _logits(ref)
         if family == "qwen2_moe":  # low-rank deltas: x W_base^T + x A B^T, no W_e formed
             assert {m.mode for m in experts} == {"factored"}
@@ -109,7 +109,7 @@ def test_import_ders_cli_registers_in_either_order(folders, first):
                            f"m = A.from_pretrained({str(folders / 'mixtral-folder')!r})",
                            "print(type(m.model.layers[0].mlp.experts).__name__)"]))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["ArchiveExperts"]
+    assert r.stdout.split() == ["DersExperts"]
 
 
 def test_a_repo_id_from_the_local_hub_cache_offline(folders, tmp_path):
@@ -127,7 +127,7 @@ def test_a_repo_id_from_the_local_hub_cache_offline(folders, tmp_path):
                 "print(m.dtype, type(m.model.layers[0].mlp.experts).__name__)",
                 HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["torch.float32", "ArchiveExperts"]
+    assert r.stdout.split() == ["torch.float32", "DersExperts"]
 
 
 def test_a_tensor_changed_in_the_archive_is_detected(folders, tmp_path):

@@ -8,7 +8,8 @@ import torch
 
 from ders_cli import LosslessSpec, QuantSpec, SparseSpec, compress, expand
 from ders_cli.errors import UsageError
-from ders_cli.runtime import ArchiveExperts, load_from_archive, resident_bytes
+from ders_cli.hf.experts import DersExperts
+from ders_cli.runtime import load_from_archive, resident_bytes
 from ders_cli.training import upcycle_model
 from ders_cli.training.archive_io import save_archive
 from fixtures.tiny_dense import tiny_dense
@@ -63,7 +64,7 @@ def compressed(tmp_path_factory):
 def test_synthesized_experts_give_the_expanded_models_logits_bit_for_bit(ders_archive):
     ref = _logits(_eager(ders_archive / "vanilla"))
     model = load_from_archive(ders_archive / "m.ders", mode="synthesize", cache_gb=0)
-    assert any(isinstance(m, ArchiveExperts) for m in model.modules())
+    assert any(isinstance(m, DersExperts) for m in model.modules())
     assert torch.equal(_logits(model), ref)
     cached = load_from_archive(ders_archive / "m.ders", mode="synthesize")
     assert torch.equal(_logits(cached), ref)
@@ -84,7 +85,7 @@ def test_archives_of_ders_compress_run_too(compressed, name):
     expanded = _eager(tmp / f"{name}-expanded")
     ref = _logits(expanded)
     model = load_from_archive(tmp / f"{name}.ders")  # auto: synthesized, cached
-    assert all(m.mode == "synthesize" for m in model.modules() if isinstance(m, ArchiveExperts))
+    assert all(m.mode == "synthesize" for m in model.modules() if isinstance(m, DersExperts))
     assert torch.equal(_logits(model), ref)
     out = _logits(load_from_archive(tmp / f"{name}.ders", mode="factored"))
     # bf16 model: the factored path skips the bf16 rounding of W_e and sums in another order.
@@ -122,7 +123,7 @@ def test_a_change_of_dtype_changes_the_compute_dtype_not_the_stored_experts(loss
     assert torch.equal(_logits(load_from_archive(archive, dtype=dtype)),
                        _logits(_eager_in(model, dtype)))
     for module in moved.modules():
-        if isinstance(module, ArchiveExperts):
+        if isinstance(module, DersExperts):
             assert module.gate.base.dtype == torch.bfloat16  # as stored
 
 
@@ -162,7 +163,7 @@ def test_configure_and_a_cache_budget_keep_the_logits(ders_archive):
 
     ref = _logits(_eager(ders_archive / "vanilla"))
     model = load_from_archive(ders_archive / "m.ders")
-    experts = [m for m in model.modules() if isinstance(m, ArchiveExperts)]
+    experts = [m for m in model.modules() if isinstance(m, DersExperts)]
     assert {m.mode for m in experts} == {"factored"}  # auto, for low-rank deltas
     one = sum(t.numel() * t.element_size() for t in experts[0].expert_weights(0, TOKENS.float()))
     configure(model, mode="synthesize", cache_gb=1.5 * one / 1e9)  # room for one expert

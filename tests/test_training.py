@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ders_cli.codecs import SparseCodec
 from ders_cli.codecs.mask import mask_positions
 from ders_cli.codecs.sparse import keep_count
 from ders_cli.errors import UsageError
 from ders_cli.training import (
     DersExperts,
     DersProjection,
-    LowRankDelta,
-    SparseDelta,
     UpcycleSpec,
     expert_parameter_counts,
     upcycle_model,
@@ -65,23 +64,30 @@ def test_vanilla_upcycling_trains_n_full_copies():
 def test_sparse_index_vectors_are_the_archive_masks_and_values_start_at_zero():
     model = upcycle_model(tiny_dense(), mode="sparse", experts=N, rate=0.9, seed=7)
     seeds = set()
+    keep = keep_count(DH, 0.9)
     for p in projections(model):
-        for d in p.deltas:
-            assert isinstance(d, SparseDelta)
-            expected = mask_positions(d.seed, DH, keep_count(DH, 0.9))
-            assert torch.equal(d.index, torch.from_numpy(expected.astype("int64")))
-            assert torch.count_nonzero(d.values) == 0
-            seeds.add(d.seed)
+        assert p.codec == "sparse" and p.params["index"] == "seed" and p.params["keep"] == keep
+        assert p.arr_values.shape == (N, keep) and torch.count_nonzero(p.arr_values) == 0
+        for m in range(N):
+            seed = SparseCodec.seed_of(p.params, m)
+            # The delta of member m is its values at the archive's mask positions of its seed.
+            with torch.no_grad():
+                p.arr_values[m] = torch.arange(1, keep + 1, dtype=p.arr_values.dtype)
+            where = torch.nonzero(p.delta(m)).flatten()
+            expected = mask_positions(seed, DH, keep)
+            assert torch.equal(where, torch.from_numpy(expected.astype("int64")).sort().values)
+            seeds.add(seed)
     assert len(seeds) == LAYERS * 3 * N  # one 64-bit seed per expert and projection
-    assert "index" not in "".join(model.state_dict())  # regenerated from the seed, not saved
+    names = "".join(model.state_dict())
+    assert "index" not in names and "positions" not in names  # regenerated from the seeds
 
 
 def test_lowrank_starts_with_a_random_and_b_zero():
     model = upcycle_model(tiny_dense(), mode="lowrank", experts=N, rank=3)
     for p in projections(model):
-        for d in p.deltas:
-            assert isinstance(d, LowRankDelta) and d.a.shape == (p.base.shape[0], 3)
-            assert torch.count_nonzero(d.b) == 0 and torch.count_nonzero(d.a) == d.a.numel()
+        assert p.codec == "lowrank" and p.arr_a.shape == (N, p.base.shape[0], 3)
+        assert p.arr_b.shape == (N, 3, p.base.shape[1])
+        assert torch.count_nonzero(p.arr_b) == 0 and torch.count_nonzero(p.arr_a) == p.arr_a.numel()
 
 
 CASES = [("mistral", "sparse", {}), ("mistral", "lowrank", {}), ("llama", "lowrank", {}),
@@ -108,7 +114,7 @@ def test_at_init_the_moe_computes_the_dense_model(family, mode, extra):
 
 def test_a_plain_training_loop_moves_values_factors_router_and_base_only_as_trained():
     model = upcycle_model(tiny_dense(), mode="sparse", experts=N, rate=0.9).train()
-    idx_before = {n: b.clone() for n, b in model.named_buffers() if n.endswith(".index")}
+    params_before = [dict(p.params) for p in projections(model)]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(3):
@@ -120,19 +126,18 @@ def test_a_plain_training_loop_moves_values_factors_router_and_base_only_as_trai
         losses.append(float(out.loss))
     assert losses[-1] < losses[0]
     for p in projections(model):
-        assert all(torch.count_nonzero(d.values) > 0 for d in p.deltas)
-    assert all(torch.equal(b, idx_before[n]) for n, b in model.named_buffers() if n in idx_before)
+        assert all(torch.count_nonzero(v) > 0 for v in p.arr_values)
+    assert [p.params for p in projections(model)] == params_before  # the seeds stay
 
 
 def test_lowrank_gradients_reach_b_first():
     model = upcycle_model(tiny_dense(), mode="lowrank", experts=N, rank=2).train()
     model(TOKENS, labels=TOKENS).loss.backward()
     experts = next(m for m in model.modules() if isinstance(m, DersExperts))
-    grads = [d.b.grad for d in experts.gate.deltas if d.b.grad is not None]
-    assert grads and any(torch.count_nonzero(g) > 0 for g in grads)
+    b_grad, a_grad = experts.gate.arr_b.grad, experts.gate.arr_a.grad
+    assert b_grad is not None and torch.count_nonzero(b_grad) > 0
     # B = 0 at init, so dL/dA = (dL/dΔ) B^T is exactly zero on the first step.
-    assert all(d.a.grad is None or torch.count_nonzero(d.a.grad) == 0
-               for d in experts.gate.deltas)
+    assert a_grad is None or torch.count_nonzero(a_grad) == 0
 
 
 def test_the_hf_trainer_trains_it(tmp_path):
@@ -148,12 +153,12 @@ def test_the_hf_trainer_trains_it(tmp_path):
             return {"input_ids": TOKENS[i % 2], "labels": TOKENS[i % 2]}
 
     model = upcycle_model(tiny_dense(), mode="lowrank", experts=N, rank=2)
-    before = [d.b.detach().clone() for p in projections(model) for d in p.deltas]
+    before = [p.arr_b.detach().clone() for p in projections(model)]
     args = TrainingArguments(tmp_path, max_steps=2, per_device_train_batch_size=2,
                              learning_rate=1e-2, report_to=[], save_strategy="no",
                              use_cpu=True, logging_strategy="no")
     Trainer(model=model, args=args, train_dataset=Tokens()).train()
-    after = [d.b for p in projections(model) for d in p.deltas]
+    after = [p.arr_b for p in projections(model)]
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 

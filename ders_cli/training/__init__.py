@@ -5,19 +5,17 @@
     ...train moe with any PyTorch loop or the HF Trainer...
     save_archive(moe, "moe.ders")          # then: ders expand moe.ders -> a vanilla MoE
 
-transformers is needed here (it is not for the rest of ders).
+The expert modules are ``ders_cli.hf.experts``' (the same that run archives). transformers is
+needed here (it is not for the rest of ders).
 """
 
-from .deltas import LowRankDelta, SparseDelta
-from .experts import DersExperts, DersProjection, DersSharedExpert
+from ..hf.experts import DersExperts, DersProjection, DersSharedExpert
 from .upcycle import UpcycleSpec, expert_parameter_counts, moe_config, upcycle_model
 
 __all__ = [
     "DersExperts",
     "DersProjection",
     "DersSharedExpert",
-    "LowRankDelta",
-    "SparseDelta",
     "UpcycleSpec",
     "expert_parameter_counts",
     "moe_config",

@@ -19,14 +19,16 @@ import torch
 from torch import nn
 
 from ..archive import ArchiveReader
-from ..codecs import LowRankCodec, SparseCodec
+from ..codecs import LowRankCodec, SparseCodec, codec_label
 from ..compress import CompressResult, compress
+from ..constants import INDEX_ALL, INDEX_SEED
 from ..decompose import GivenEncoding
 from ..dtypes import DTYPE_NAMES, TORCH_DTYPES
 from ..errors import InputError, UsageError
 from ..families import ROLES, for_model_type
 from ..groups import group_arrays
 from ..hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
+from ..hf.experts import DersExperts, DersProjection, DersSharedExpert
 from ..hf.saving import use_ders_folders
 from ..hf.side_files import attach, carried, read_side_files, write_side_files
 from ..hf.skeleton import (
@@ -39,9 +41,6 @@ from ..hf.skeleton import (
 from ..outputs import check_new_output
 from ..progress import Reporter
 from ..records import ExpertGroup, Member
-from ..runtime import ArchiveExperts, ArchiveSharedExpert
-from .deltas import LowRankDelta, SparseDelta
-from .experts import DersExperts, DersProjection, DersSharedExpert
 from .upcycle import UpcycleSpec, upcycle_model
 
 
@@ -63,7 +62,7 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
     given = []
     for layer, experts in blocks:
         shared = isinstance(getattr(model.model.layers[layer].mlp, "shared_expert", None),
-                            (DersSharedExpert, ArchiveSharedExpert))
+                            DersSharedExpert)
         for role, proj in experts.projections.items():
             names = [layout.expert_name(layer, e, role) for e in range(experts.num_experts)]
             if shared:
@@ -86,9 +85,9 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
         return compress(tmp, None, out, given=given, overwrite=overwrite, reporter=reporter)
 
 
-def _ders_blocks(model: nn.Module) -> list[tuple[int, DersExperts | ArchiveExperts]]:
+def _ders_blocks(model: nn.Module) -> list[tuple[int, DersExperts]]:
     return [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers)
-            if isinstance(getattr(layer.mlp, "experts", None), (DersExperts, ArchiveExperts))]
+            if isinstance(getattr(layer.mlp, "experts", None), DersExperts)]
 
 
 def _save_plain(model: nn.Module, folder: Path) -> None:
@@ -125,7 +124,7 @@ def vanilla_view(model: nn.Module, blocks: list[tuple[int, DersExperts]]):
             saved.append((block, "experts", experts))
             block.experts = vanilla
             shared = getattr(block, "shared_expert", None)
-            if isinstance(shared, (DersSharedExpert, ArchiveSharedExpert)):
+            if isinstance(shared, DersSharedExpert):
                 with parameters_on_meta():
                     mlp = shared.vanilla_cls(model.config,
                                              intermediate_size=w["gate"][n].shape[0])
@@ -179,22 +178,26 @@ def _load_block(am: ArchiveModel, model: nn.Module, layer: int, dtype: torch.dty
 def _load_projection(am: ArchiveModel, slot: ExpertSlot, dtype: torch.dtype) -> DersProjection:
     g = slot.group
     r = am.reader
-    parts = group_arrays(r, g)  # the base decoded, checksums verified
-    base = parts.base.reshape(g.shape).to(dtype)
-    arrays = {k: v.to(dtype) for k, v in parts.arrays.items()}
     params = g.codec["params"]
     if len(g.shape) != 2:
         raise InputError(f"group {g.key!r}: members are not 2-D", r.path)
-    out_f, in_f = g.shape
-    if g.codec["name"] == SparseCodec.name:
-        deltas = [SparseDelta(out_f, in_f, params["keep"], SparseCodec.seed_of(params, i), dtype,
-                              arrays["values"][i]) for i in range(len(g.members))]
-        return DersProjection(base, deltas, drop=params.get("drop"))
-    if g.codec["name"] == LowRankCodec.name:
-        deltas = [LowRankDelta(arrays["a"][i], arrays["b"][i]) for i in range(len(g.members))]
-        return DersProjection(base, deltas)
-    raise InputError(f"group {g.key!r} uses codec {g.codec['name']!r}: training needs sparse "
-                     "or lowrank deltas", r.path)
+    # Training moves the values at fixed positions (DeRS-SM) or the low-rank factors (DeRS-LM).
+    # Positions from a magnitude mask, or quantized values, are no such parameters: refused,
+    # not trained at positions regenerated from a seed the group does not have.
+    seeded = (g.codec["name"] == SparseCodec.name and "values" not in params
+              and params.get("index") in (INDEX_SEED, INDEX_ALL))
+    if not seeded and g.codec["name"] != LowRankCodec.name:
+        raise InputError(f"group {g.key!r} stores {codec_label(g.codec)!r}: training needs "
+                         "sparse deltas at seeded positions (DeRS-SM, compress --drop with its "
+                         "random mask) or low-rank deltas", r.path)
+    parts = group_arrays(r, g)  # the base decoded, checksums verified
+    base = parts.base.reshape(g.shape).to(dtype)
+    arrays = {k: v.to(dtype) for k, v in parts.arrays.items()}
+    if seeded:
+        seeds = [SparseCodec.seed_of(params, i) for i in range(len(g.members))]
+        return DersProjection.sparse(base, params["keep"], seeds, drop=params.get("drop"),
+                                     values=arrays["values"])
+    return DersProjection.lowrank(base, arrays["a"], arrays["b"])
 
 
 def upcycle_checkpoint(dense: str | Path, out: str | Path, spec: UpcycleSpec, *,

@@ -24,10 +24,9 @@ from torch import nn
 from ..codecs.sparse import keep_count
 from ..errors import UsageError
 from ..families import ROLES
+from ..hf.experts import DersExperts, DersProjection, DersSharedExpert
 from ..hf.saving import use_ders_folders
 from ..hf.skeleton import assign, empty_model, tie_and_check
-from .deltas import LowRankDelta, SparseDelta
-from .experts import DersExperts, DersProjection, DersSharedExpert
 
 MODES = ("sparse", "lowrank", "vanilla")
 DENSE_TYPES = ("llama", "mistral", "qwen2")
@@ -185,7 +184,7 @@ def _upcycle_block(block: nn.Module, ffn: dict[str, torch.Tensor], spec: Upcycle
     projections = {r: _projection(ffn[r], spec, layer, r, members, gen) for r in ROLES}
     vanilla_cls = type(block.experts)
     experts = DersExperts(projections["gate"], projections["up"], projections["down"],
-                          spec.experts, block.experts.act_fn, vanilla_cls)
+                          spec.experts, block.experts.act_fn, vanilla_cls, mode="factored")
     block.experts = experts
     if spec.universal:
         block.shared_expert = DersSharedExpert(experts, type(block.shared_expert))
@@ -196,12 +195,9 @@ def _projection(weight: torch.Tensor, spec: UpcycleSpec, layer: int, role: str, 
     out_f, in_f = weight.shape
     if spec.mode == "sparse":
         keep = keep_count(out_f * in_f, spec.rate)
-        deltas = [SparseDelta(out_f, in_f, keep, delta_seed(spec.seed, layer, role, m),
-                              weight.dtype) for m in range(members)]
-        return DersProjection(weight.clone(), deltas, drop=spec.rate)
-    deltas = [LowRankDelta.init(out_f, in_f, spec.rank, gen, weight.dtype)
-              for _ in range(members)]
-    return DersProjection(weight.clone(), deltas)
+        seeds = [delta_seed(spec.seed, layer, role, m) for m in range(members)]
+        return DersProjection.sparse(weight.clone(), keep, seeds, drop=spec.rate)
+    return DersProjection.lowrank_init(weight.clone(), spec.rank, members, gen)
 
 
 def expert_parameter_counts(model: nn.Module) -> dict[str, int]:
