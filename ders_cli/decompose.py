@@ -48,6 +48,9 @@ class GivenEncoding:
     params: dict
     arrays: dict[str, torch.Tensor]  # by codec suffix, one row per member
     base_kind: str = "shared"
+    # The checkpoint's members are this encoding's own synthesis (a DeRS model's checkpoint,
+    # described in memory): measured as they are, not synthesized again.
+    synthesized: bool = False
 
     @property
     def label(self) -> str:
@@ -201,8 +204,11 @@ def measure_group(members: torch.Tensor, given: GivenEncoding) -> EncodedGroup:
     base_norm = norm(base_c)
     shas, rel_error, cos, cos_base = [], [], [], []
     for i in range(n_members):
-        rows = impl.member_rows(given.arrays, given.params, i)
-        w_hat = synthesize(given.base, given.codec, given.params, rows, i, g.dtype, base_c)
+        if given.synthesized:  # the same bytes synthesis would give: the same figures
+            w_hat = flat[i]
+        else:
+            rows = impl.member_rows(given.arrays, given.params, i)
+            w_hat = synthesize(given.base, given.codec, given.params, rows, i, g.dtype, base_c)
         shas.append(hashlib.sha256(tensor_bytes(w_hat)).hexdigest())
         w, hc = flat[i].to(cd), w_hat.to(cd)
         w_norm, e_norm = norm(w), norm(hc - w)

@@ -1,10 +1,10 @@
 """A DeRS model to and from a .ders archive.
 
-``save_archive`` writes the vanilla MoE checkpoint the model stands for (each expert
-synthesized exactly as the archive will synthesize it) to a temporary folder with
-``save_pretrained``, then lets ``compress`` store it with the model's own shared FFNs and deltas
-as the groups' bases and codec arrays. ``ders expand`` of the archive therefore gives that
-vanilla checkpoint back byte for byte, and ``load_trainable`` rebuilds the DeRS model from it.
+``save_archive`` stores the vanilla MoE checkpoint the model stands for (each expert synthesized
+exactly as the archive synthesizes it), described in memory (``hf.vanilla``), with the model's
+own shared FFNs and deltas as the groups' bases and codec arrays: ``ders expand`` of the
+archive gives that vanilla checkpoint back byte for byte, and ``load_trainable`` rebuilds the
+DeRS model from it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Iterable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 
 from ..archive import ArchiveReader
 from ..codecs import LowRankCodec, SparseCodec, codec_label
-from ..compress import CompressResult, compress
+from ..compress import CompressResult, compress_checkpoint
 from ..constants import INDEX_ALL, INDEX_SEED
 from ..decompose import GivenEncoding
 from ..dtypes import DTYPE_NAMES, TORCH_DTYPES
@@ -31,13 +30,8 @@ from ..hf.archive_model import ArchiveModel, ExpertSlot, open_archive_model
 from ..hf.experts import DersExperts, DersProjection, DersSharedExpert
 from ..hf.saving import use_ders_folders
 from ..hf.side_files import attach, carried, read_side_files, write_side_files
-from ..hf.skeleton import (
-    assign,
-    empty_model,
-    parameters_on_meta,
-    quiet_transformers,
-    tie_and_check,
-)
+from ..hf.skeleton import assign, empty_model, quiet_transformers, tie_and_check
+from ..hf.vanilla import DEFAULT_SHARD_SIZE, ders_blocks, describe
 from ..outputs import check_new_output
 from ..progress import Reporter
 from ..records import ExpertGroup, Member
@@ -45,18 +39,23 @@ from .upcycle import UpcycleSpec, upcycle_model
 
 
 def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
-                 side_files: Iterable[str | Path] = (), reporter: Reporter | None = None
-                 ) -> CompressResult:
-    """Write a DeRS model (from ``upcycle_model`` or ``load_trainable``) to a .ders archive.
+                 side_files: Iterable[str | Path] = (), reporter: Reporter | None = None,
+                 expanded_shard_size: int | str = DEFAULT_SHARD_SIZE) -> CompressResult:
+    """Write a model with DeRS experts (from ``upcycle_model``, ``load_trainable``,
+    ``load_from_archive`` or ``from_pretrained`` of a ders folder) to a .ders archive.
 
-    ``side_files`` (tokenizer files, a README...) are stored too, and restored by ``expand``;
-    a model from ``load_trainable`` also keeps the side files of its archive (a file of the
-    same name in ``side_files`` replaces one of those).
+    The archive holds the checkpoint ``save_pretrained`` would write for the vanilla MoE the
+    model stands for (shards of ``expanded_shard_size``, as transformers' ``max_shard_size``),
+    with the model's shared FFNs and deltas as its groups' bases and codec arrays: ``ders
+    expand`` gives that checkpoint back. Nothing but its small side files is written on the
+    way (``hf.vanilla``). ``side_files`` (tokenizer files, a README...) are stored too; a model
+    loaded from an archive also keeps that archive's side files (a file of the same name in
+    ``side_files`` replaces one of those).
     """
     out = Path(out)
-    layout = for_model_type(model.config.model_type)
-    blocks = _ders_blocks(model)
-    if layout is None or not blocks:
+    family = for_model_type(model.config.model_type)
+    blocks = ders_blocks(model)
+    if family is None or not blocks:
         raise UsageError("the model has no DeRS experts: save a vanilla MoE with "
                          "save_pretrained and compress it with 'ders compress'")
     given = []
@@ -64,78 +63,29 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
         shared = isinstance(getattr(model.model.layers[layer].mlp, "shared_expert", None),
                             DersSharedExpert)
         for role, proj in experts.projections.items():
-            names = [layout.expert_name(layer, e, role) for e in range(experts.num_experts)]
+            names = [family.expert_name(layer, e, role) for e in range(experts.num_experts)]
             if shared:
-                names.append(layout.shared_name(layer, role))
+                names.append(family.shared_name(layer, role))
             base = proj.base.detach().cpu()
-            group = ExpertGroup(layout.expert_name(layer, "{E}", role),  # type: ignore[arg-type]
+            group = ExpertGroup(family.expert_name(layer, "{E}", role),  # type: ignore[arg-type]
                                 tuple(Member(n) for n in names), tuple(range(len(names))),
                                 DTYPE_NAMES[base.dtype], tuple(base.shape))
             codec, params, arrays = proj.encoding()
-            given.append(GivenEncoding(group, base, codec, params, arrays))
+            given.append(GivenEncoding(group, base, codec, params, arrays, synthesized=True))
     parent = out.parent if str(out.parent) else Path(".")
+    # The side files only (a few small files): they are read from a folder.
     with tempfile.TemporaryDirectory(prefix=".ders-save-", dir=parent) as tmp:
-        with vanilla_view(model, blocks), quiet_transformers():  # an inner step, not the user's
-            _save_plain(model, Path(tmp))
+        root = Path(tmp)
+        with quiet_transformers():  # an inner step, not the user's
+            described = describe(model, family, root, out.name.split(".")[0],
+                                 expanded_shard_size)
         given_names = {Path(f).name for f in side_files}
         write_side_files({p: data for p, data in carried(model).items()
-                          if p not in given_names}, Path(tmp))
+                          if p not in given_names}, root)
         for f in side_files:
-            shutil.copy2(f, Path(tmp) / Path(f).name)
-        return compress(tmp, None, out, given=given, overwrite=overwrite, reporter=reporter)
-
-
-def _ders_blocks(model: nn.Module) -> list[tuple[int, DersExperts]]:
-    return [(i, layer.mlp.experts) for i, layer in enumerate(model.model.layers)
-            if isinstance(getattr(layer.mlp, "experts", None), DersExperts)]
-
-
-def _save_plain(model: nn.Module, folder: Path) -> None:
-    """transformers' own save_pretrained, without ders' (``hf.saving``), its quantizer or its
-    quantization_config: the checkpoint the model stands for, which the archive holds. Also
-    without the weight conversions a from_pretrained of a ders folder recorded (which saw no
-    expert tensors): transformers' defaults name the experts as the family writes them."""
-    held = {k: model.__dict__.pop(k) for k in ("hf_quantizer", "_weight_conversions")
-            if k in model.__dict__}
-    qc = model.config.__dict__.pop("quantization_config", None)
-    try:
-        type(model).save_pretrained(model, folder)
-    finally:
-        model.__dict__.update(held)
-        if qc is not None:
-            model.config.quantization_config = qc
-
-
-@contextmanager
-def vanilla_view(model: nn.Module, blocks: list[tuple[int, DersExperts]]):
-    """Inside, every DeRS expert module is replaced by the transformers module it stands for,
-    holding the synthesized weights: the model is a vanilla MoE (for ``save_pretrained``)."""
-    saved = []
-    try:
-        for layer, experts in blocks:
-            block = model.model.layers[layer].mlp
-            w = {role: proj.synthesized() for role, proj in experts.projections.items()}
-            n = experts.num_experts
-            with parameters_on_meta():
-                vanilla = experts.vanilla_cls(model.config)
-            vanilla.gate_up_proj = nn.Parameter(
-                torch.stack([torch.cat([w["gate"][e], w["up"][e]]) for e in range(n)]))
-            vanilla.down_proj = nn.Parameter(torch.stack(w["down"][:n]))
-            saved.append((block, "experts", experts))
-            block.experts = vanilla
-            shared = getattr(block, "shared_expert", None)
-            if isinstance(shared, DersSharedExpert):
-                with parameters_on_meta():
-                    mlp = shared.vanilla_cls(model.config,
-                                             intermediate_size=w["gate"][n].shape[0])
-                for role in ROLES:
-                    getattr(mlp, f"{role}_proj").weight = nn.Parameter(w[role][n])
-                saved.append((block, "shared_expert", shared))
-                block.shared_expert = mlp
-        yield model
-    finally:
-        for block, attr, module in reversed(saved):
-            setattr(block, attr, module)
+            shutil.copy2(f, root / Path(f).name)
+        return compress_checkpoint(described.checkpoint(), described.source, None, out,
+                                   given=given, overwrite=overwrite, reporter=reporter)
 
 
 def load_trainable(archive: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
