@@ -16,8 +16,7 @@ import torch
 from ders_cli import QuantSpec, SparseSpec, compress, expand
 from ders_cli.hf.experts import DersExperts
 from ders_cli.hf.quantizer import ARCHIVE_NAME, NEEDS_DERS, write_folder
-from ders_cli.training import upcycle_model
-from ders_cli.training.archive_io import save_archive
+from ders_cli.training import save_archive, upcycle_model
 from fixtures.tiny_dense import tiny_dense
 from fixtures.upcycled import Dims, make_upcycled
 
@@ -192,7 +191,7 @@ def test_save_pretrained_of_an_archive_model_writes_a_ders_folder(folders, tmp_p
 
 
 def test_save_pretrained_of_a_trainable_model_writes_a_ders_folder(folders, tmp_path):
-    from ders_cli.training.archive_io import load_trainable
+    from ders_cli.training import load_trainable
 
     model = load_trainable(folders / "qwen2_moe.ders").eval()
     model.save_pretrained(tmp_path / "t")

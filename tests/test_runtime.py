@@ -10,8 +10,7 @@ from ders_cli import LosslessSpec, QuantSpec, SparseSpec, compress, expand
 from ders_cli.errors import UsageError
 from ders_cli.hf.experts import DersExperts
 from ders_cli.runtime import load_from_archive, resident_bytes
-from ders_cli.training import upcycle_model
-from ders_cli.training.archive_io import save_archive
+from ders_cli.training import save_archive, upcycle_model
 from fixtures.tiny_dense import tiny_dense
 from fixtures.upcycled import Dims, make_upcycled
 

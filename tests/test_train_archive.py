@@ -14,8 +14,7 @@ from ders_cli import ArchiveReader, expand, verify
 from ders_cli.cli.app import app
 from ders_cli.families import for_model_type
 from ders_cli.groups import group_arrays
-from ders_cli.training import DersProjection, upcycle_model
-from ders_cli.training.archive_io import load_trainable, save_archive
+from ders_cli.training import DersProjection, load_trainable, save_archive, upcycle_model
 from fixtures.tiny_dense import save_tiny_dense, tiny_dense
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import save
 
 from ders_cli.hf.vanilla import safetensors_header
-from ders_cli.training import upcycle_model
-from ders_cli.training.archive_io import load_trainable, save_archive
+from ders_cli.training import load_trainable, save_archive, upcycle_model
 from fixtures.tiny_dense import save_tiny_dense, tiny_dense
 from tests.save_reference import reference_save_archive
 

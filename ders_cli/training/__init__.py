@@ -10,6 +10,7 @@ needed here (it is not for the rest of ders).
 """
 
 from ..hf.experts import DersExperts, DersProjection, DersSharedExpert
+from .archive_io import load_trainable, save_archive, upcycle_checkpoint
 from .upcycle import UpcycleSpec, expert_parameter_counts, moe_config, upcycle_model
 
 __all__ = [
@@ -18,6 +19,9 @@ __all__ = [
     "DersSharedExpert",
     "UpcycleSpec",
     "expert_parameter_counts",
+    "load_trainable",
     "moe_config",
+    "save_archive",
+    "upcycle_checkpoint",
     "upcycle_model",
 ]
