@@ -101,7 +101,7 @@ def build_ders(a: argparse.Namespace, tmp: Path) -> tuple[Path, list[tuple[str, 
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # stand-in for training: deltas and routers away from their init
         for name, p in model.named_parameters():
-            if name.endswith((".b", ".values", "mlp.gate.weight")):
+            if name.endswith((".arr_b", ".arr_values", "mlp.gate.weight")):
                 p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
     save_archive(model, tmp / "moe.ders")
     expand(tmp / "moe.ders", tmp / "expanded")

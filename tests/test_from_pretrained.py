@@ -49,7 +49,7 @@ def folders(tmp_path_factory):
                          universal=True)
     with torch.no_grad():
         for name, p in ders.named_parameters():
-            if name.endswith((".b", "gate.weight")):
+            if name.endswith((".arr_b", "gate.weight")):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
     save_archive(ders, tmp / "qwen2_moe.ders")
     out["qwen2_moe"] = tmp / "qwen2_moe"

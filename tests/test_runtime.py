@@ -36,7 +36,7 @@ def ders_archive(tmp_path_factory):
                           universal=True)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith((".b", "gate.weight")):
+            if name.endswith((".arr_b", "gate.weight")):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.05)
     save_archive(model, tmp / "m.ders")
     expand(tmp / "m.ders", tmp / "vanilla")
