@@ -54,7 +54,7 @@ from .errors import (
     UsageError,
 )
 from .hub import HubOptions, resolve_archive
-from .interrupts import critical
+from .interrupts import critical, deferred
 from .outputs import create_exclusive, temp_path
 from .profile import stage
 from .records import SHA256, Manifest, path_problem
@@ -220,12 +220,17 @@ class ArchiveWriter:
         self._shard_meta = len(encode_header({"__metadata__": {
             HEADER_HASH_KEY: "0" * HASH_HEX_LEN, META_FORMAT: FORMAT_NAME,
             META_VERSION: str(FORMAT_VERSION), META_INDEX: index_path(self.dest).name}}))
-        self._parts = [_Part(temp_path(self.dest), reserve, self._shard_meta)]
+        self._parts: list[_Part] = []
         self._sha: dict[str, str] = {}
         self._together = False
         self.state = WriterState.DATA
         self.path = self.dest  # the file a reader opens: the index when sharded
         self.files: list[Path] = []  # every file written, once finished
+        try:
+            self._new_part(temp_path(self.dest), reserve)
+        except BaseException:  # an interrupt held while the file was made lands here
+            self.abort()
+            raise
 
     def _require(self, state: WriterState, action: str) -> None:
         if self.state is not state:
@@ -239,7 +244,11 @@ class ArchiveWriter:
                 and part.size + nbytes > self.max_shard_size):
             tmp = temp_path(self.dest).with_name(
                 f"{temp_path(self.dest).name}-{len(self._parts)}")
-            self._parts.append(_Part(tmp, self._shard_reserve, self._shard_meta))
+            self._new_part(tmp, self._shard_reserve)
+
+    def _new_part(self, tmp: Path, reserve: int) -> None:
+        with deferred():  # the file and its place in _parts (what abort removes) at once
+            self._parts.append(_Part(tmp, reserve, self._shard_meta))
 
     @contextmanager
     def together(self, nbytes: int, arrays: int = 5) -> Iterator[None]:

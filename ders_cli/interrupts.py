@@ -30,14 +30,14 @@ class Interrupted(BaseException):
         self.exit_code = 128 + signum
 
 
-_state = {"installed": False, "fired": False, "critical": 0, "pending": False}
+_state = {"installed": False, "fired": False, "critical": 0, "pending": 0}
 
 
 def _handler(signum: int, frame: object) -> None:
     if _state["fired"]:
         return  # cleaning up after the first: let it finish
     if _state["critical"]:
-        _state["pending"] = True
+        _state["pending"] = signum
         return
     _state["fired"] = True
     raise Interrupted(signum)
@@ -58,4 +58,21 @@ def critical() -> Iterator[None]:
         yield
     finally:
         _state["critical"] -= 1
-        _state["pending"] = False if not _state["critical"] else _state["pending"]
+        _state["pending"] = 0 if not _state["critical"] else _state["pending"]
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A step an interrupt waits for and then lands after: creating a temporary output and
+    handing it to the cleanup that removes it. Between the two, an interrupt would leave the
+    file behind; held until both are done, it lands where the cleanup sees the file."""
+    _state["critical"] += 1
+    try:
+        yield
+    finally:
+        _state["critical"] -= 1
+    signum = _state["pending"]
+    if signum and not _state["critical"] and not _state["fired"]:
+        _state["pending"] = 0
+        _state["fired"] = True
+        raise Interrupted(signum)

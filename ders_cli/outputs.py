@@ -26,7 +26,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import InputError, OutputError, OutputExistsError
-from .interrupts import critical
+from .interrupts import Interrupted, critical, deferred
 from .records import path_problem
 
 # Files a model loader reads as the weights of a folder (transformers prefers model.safetensors,
@@ -208,14 +208,19 @@ class BuildDir:
         self.overwrite = overwrite
         self.path = temp_path(dest)
         self.files: list[str] = []  # what was created, in order
-        try:
-            os.mkdir(self.path)
-        except FileExistsError:
-            raise OutputError(f"{self.path.name} is in the way (a folder this process did not "
-                              "create); remove it", dest.parent) from None
-        self._fd = os.open(self.path, _DIR_FLAGS)
-        _lock(self._fd)
         self._done = False
+        try:
+            with deferred():  # made and locked at once: an interrupt waits, then removes it
+                try:
+                    os.mkdir(self.path)
+                except FileExistsError:
+                    raise OutputError(f"{self.path.name} is in the way (a folder this process "
+                                      "did not create); remove it", dest.parent) from None
+                self._fd = os.open(self.path, _DIR_FLAGS)
+                _lock(self._fd)
+        except Interrupted:
+            self.__exit__()
+            raise
 
     def create(self, rel: str) -> int:
         """A new file at ``rel`` inside the folder, open for writing: every component is

@@ -98,3 +98,41 @@ def test_an_interrupted_expand_leaves_nothing(archive, tmp_path):
     proc.send_signal(signal.SIGINT)
     finished(proc, signal.SIGINT)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def handler():
+    """ders' own signal handling in this process, as the entry point installs it; restored."""
+    from ders_cli import interrupts
+    saved = {s: signal.getsignal(s) for s in interrupts.NAMES}
+    state = dict(interrupts._state)
+    interrupts.install()
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+    interrupts._state.update(state)
+
+
+@pytest.mark.parametrize("what", ["archive", "folder"])
+def test_an_interrupt_as_the_temporary_output_is_made_leaves_nothing(handler, tmp_path,
+                                                                     monkeypatch, what):
+    """The signal lands between creating the temporary output and handing it to the cleanup
+    (where the test above sent it now and then): held, then raised where the cleanup sees it."""
+    from ders_cli import outputs
+    from ders_cli.archive import ArchiveWriter
+    from ders_cli.interrupts import Interrupted
+
+    real = outputs._lock
+
+    def lock_then_signal(fd):
+        got = real(fd)
+        signal.raise_signal(signal.SIGINT)
+        return got
+
+    monkeypatch.setattr(outputs, "_lock", lock_then_signal)
+    with pytest.raises(Interrupted):
+        if what == "archive":
+            ArchiveWriter(tmp_path / "a.ders", reserve=1024)
+        else:
+            outputs.BuildDir(tmp_path / "out", overwrite=False)
+    assert list(tmp_path.iterdir()) == []
