@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -54,7 +55,7 @@ def test_mse_kernel_chooses_what_torch_chooses(seed, rows, g, bits, grid, scale)
 
 
 @pytest.mark.parametrize("n", [1, 127, 128, 129, 1000, 128 * 600 + 5])
-def test_quantize_with_the_kernel_is_quantize_without(n, monkeypatch):
+def test_quantize_with_the_kernel_is_quantize_without(n, monkeypatch, kernels):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.01
     with_kernel = quant.quantize(x.clone(), 2, 128, "mse")
     monkeypatch.setattr(quant, "_SUM_ORDER", [False])  # the torch code, as on a GPU
@@ -63,13 +64,14 @@ def test_quantize_with_the_kernel_is_quantize_without(n, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_the_torch_paths_write_the_same_archives(tmp_path, monkeypatch):
+def test_the_torch_paths_write_the_same_archives(tmp_path, monkeypatch, kernels):
     """What runs on a GPU (torch's arithmetic, torch's masks) gives the CPU's archive bytes."""
     model = write_model(tmp_path / "m", upcycled_tensors(layers=1, hidden=32, intermediate=64))
     specs = {"q2": ders.QuantSpec(2), "drop": ders.SparseSpec(0.9)}
     for name, spec in specs.items():
         ders.compress(model, spec, tmp_path / f"{name}-cpu.ders")
     monkeypatch.setattr(quant, "_SUM_ORDER", [False])
+    kernels("never")  # the fused quantizer and the mask kernel off too
     from ders_cli.codecs import mask, sparse
 
     torch_positions = mask.mask_positions_torch
@@ -80,3 +82,174 @@ def test_the_torch_paths_write_the_same_archives(tmp_path, monkeypatch):
         digests = {hashlib.sha256((tmp_path / f"{name}-{kind}.ders").read_bytes()).hexdigest()
                    for kind in ("cpu", "torch")}
         assert len(digests) == 1, name
+
+
+# --- the rtn quantizer and the mask generator (ders_cli.codecs.jit modes) ---------------------
+
+@pytest.fixture
+def kernels():
+    """Runs a test's calls with the kernels forced on; ``kernels("never")`` switches to the
+    numpy/torch twins (what runs on a GPU, or in a process with little work)."""
+    from ders_cli.codecs import jit
+
+    before = jit.set_mode("always")
+    yield jit.set_mode
+    jit.set_mode(before)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bits, so that -0.0 and 0.0 differ (torch.equal calls them equal)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _quantized_both_ways(x, bits, g, method, set_mode):
+    set_mode("always")
+    fused = quant.quantize(x.clone(), bits, g, method)
+    set_mode("never")
+    plain = quant.quantize(x.clone(), bits, g, method)
+    set_mode("always")
+    for a, b in zip(fused, plain, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(_bits(a), _bits(b))
+    return fused
+
+
+def _edge_cases():
+    gen = torch.Generator().manual_seed(7)
+    r = torch.randn(1000, generator=gen)
+    ties = torch.arange(-64, 64, dtype=torch.float32) / 6  # many values half-way between codes
+    zeros_inside = r.clone()
+    zeros_inside[::3] = 0.0  # zeros, but never a group's minimum or maximum alone
+    zeros_inside[:5] = torch.tensor([-2.0, 0.0, -0.0, 2.0, 0.0])
+    min_zero = r.abs()
+    min_zero[::7] = 0.0  # a group's minimum is a zero: torch's code decides it
+    signed_zeros = torch.tensor([-0.0, 0.0, 1.0, -0.0] * 40)
+    constant = torch.full((300,), 0.3125)
+    flat_groups = torch.repeat_interleave(torch.randn(10, generator=gen), 128)
+    extremes = torch.tensor([3.0e38, -3.0e38, 1.0e-38, -1.0e-30] * 64) / 2
+    huge_range = torch.tensor([1.0e30, -1.0e30, 1.0, -1.0] * 64)
+    subnormal = torch.tensor([1e-42, -3e-41, 5e-45, 2e-40] * 64)
+    tiny_values = r * 1e-30
+    return {
+        "random": r, "ties": ties, "zeros-inside": zeros_inside, "min-zero": min_zero,
+        "signed-zeros": signed_zeros, "constant": constant, "flat-groups": flat_groups,
+        "extremes": extremes, "huge-range": huge_range, "subnormal": subnormal,
+        "tiny-values": tiny_values, "one": torch.tensor([0.75]), "two": torch.tensor([-1.0, 2.0]),
+        "three": torch.tensor([5.0, -5.0, 0.5]),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_edge_cases()))
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("g", [1, 3, 100, 128])
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_fused_quantizer_is_torchs_bit_for_bit(case, bits, g, method, kernels):
+    """Codes, stored scale and offset and the decoded delta, every bit (signed zeros
+    included), on ties, zeros, constant and flat groups, finite extremes, subnormals, groups of
+    one element and members shorter than a group."""
+    x = _edge_cases()[case]
+    assert torch.isfinite(x).all()
+    _quantized_both_ways(x, bits, g, method, kernels)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 3000),
+       g=st.sampled_from([2, 16, 32, 64, 128, 256, 1000]), bits=st.sampled_from([2, 3, 4, 8]),
+       grid=st.sampled_from([None, 1.0 / 16, 1.0 / 3]), method=st.sampled_from(["rtn", "mse"]))
+def test_fused_quantizer_is_torchs_on_random_members(seed, n, g, bits, grid, method):
+    from ders_cli.codecs import jit
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * 0.02
+    if grid is not None:  # values on a grid: exact ties between codes
+        x = torch.round(x / (grid * 0.02)) * (grid * 0.02)
+    before = jit.set_mode("always")
+    try:
+        _quantized_both_ways(x, bits, g, method, jit.set_mode)
+    finally:
+        jit.set_mode(before)
+
+
+def test_the_fused_quantizer_runs_on_ordinary_members_and_declines_zero_minima():
+    x = torch.randn(1024, generator=torch.Generator().manual_seed(3)).numpy()
+    lo = np.empty(8, np.float32)
+    hi = np.empty(8, np.float32)
+    assert quant._minmax_kernel(x, 128, lo, hi)
+    assert np.array_equal(lo, x.reshape(8, 128).min(1))
+    assert np.array_equal(hi, x.reshape(8, 128).max(1))
+    x[128:256] = np.abs(x[128:256])
+    x[130] = -0.0
+    assert not quant._minmax_kernel(x, 128, lo, hi)
+
+
+MASK_CASES = [(0, 1, 1), (5, 2, 1), (5, 3, 3), (1, 4, 4), (1, 5, 5), (9, 16, 7), (9, 17, 17),
+              (2**64 - 1, 1000, 100), (42, 4097, 4097), (3, (1 << 20) + 1, 50_000),
+              (0x0123456789ABCDEF, 1 << 20, 8), (77, 10**7, 10**6), (11, 2**40 + 3, 1000),
+              (12, 2**64 - 1, 300), (13, 2**63 + 5, 64)]
+
+
+@pytest.mark.parametrize("seed,n,k", MASK_CASES)
+def test_mask_kernel_is_the_numpy_generator(seed, n, k, kernels):
+    """Domains of one to 2^64 - 1 elements, around powers of four (the Feistel width), whole
+    permutations and short prefixes: the same positions in the same order."""
+    from ders_cli.codecs import mask
+
+    fast = mask.permutation_prefix(seed, n, k)
+    kernels("never")
+    plain = mask.permutation_prefix(seed, n, k)
+    assert fast.dtype == plain.dtype == np.uint64
+    assert np.array_equal(fast, plain)
+    if n <= 5000:
+        assert sorted(fast.tolist()) == sorted(set(fast.tolist())) and int(fast.max()) < n
+
+
+@given(seed=st.integers(0, 2**64 - 1), n=st.integers(1, 5000), frac=st.floats(0, 1))
+def test_mask_kernel_is_the_numpy_generator_on_random_domains(seed, n, frac):
+    from ders_cli.codecs import jit, mask
+
+    k = int(n * frac)
+    before = jit.set_mode("always")
+    try:
+        fast = mask.mask_positions(seed, n, k)
+        jit.set_mode("never")
+        assert np.array_equal(fast, mask.mask_positions(seed, n, k))
+    finally:
+        jit.set_mode(before)
+
+
+@pytest.mark.parametrize("mode", ["always", "never"])
+def test_golden_archives_either_way(tmp_path, mode, kernels):
+    """The committed golden archives come out of the kernels and out of their twins alike."""
+    import json
+
+    from fixtures.make_golden import ARCHIVES, GOLDEN, TINY, spec_of
+
+    expected = json.loads((GOLDEN / "expected.json").read_text())
+    kernels(mode)
+    import zstandard
+
+    for name in sorted(ARCHIVES):
+        if "lossless" in name:
+            continue  # one coder (numba): nothing to compare
+        zstd = expected[name].get("zstd")
+        if zstd and zstd != ".".join(map(str, zstandard.ZSTD_VERSION)):
+            continue  # written with another zstd (tests/test_golden.py skips it too)
+        ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0)
+        digest = hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        assert digest == expected[name]["archive_sha256"], name
+
+
+def test_kernel_modes():
+    from ders_cli.codecs import jit
+
+    before = jit.set_mode("never")
+    try:
+        assert not jit.wanted(1 << 40)
+        jit.set_mode("always")
+        assert jit.wanted(1)
+        with pytest.raises(ValueError):
+            jit.set_mode("sometimes")
+    finally:
+        jit.set_mode(before)

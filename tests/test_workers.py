@@ -21,6 +21,17 @@ from tests.test_lossless import rewrite_array
 COUNTS = (1, 2, 3)
 
 
+@pytest.fixture(autouse=True)
+def kernels():
+    """The numba kernels on, as on any checkpoint of size (these are small enough for the
+    torch twins, which tests/test_golden.py covers): they run on the workers' threads."""
+    from ders_cli.codecs import jit
+
+    before = jit.set_mode("always")
+    yield
+    jit.set_mode(before)
+
+
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

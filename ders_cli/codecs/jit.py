@@ -1,22 +1,69 @@
-"""Fused loops compiled by numba (nopython, GIL released), compiled on first use.
+"""Fused loops compiled by numba (nopython, GIL released), loaded only when a command needs them.
 
 The codecs' hot loops touch every element a few times; written with numpy or torch, each step
 is a pass over memory with a temporary of its own. A numba kernel does the whole loop in one
 pass at the speed of memory, and releases the GIL, so the threads that run members or groups
-in parallel scale. numba is imported and a kernel compiled only when it first runs, so that
-``import ders_cli`` and ``ders --help`` stay fast; compiled code is cached on disk
-(``cache=True``), so later processes load it in milliseconds. Kernels take and return numpy
-arrays on the CPU: where a tensor lives on a GPU the callers keep to torch.
+in parallel scale. Kernels take and return numpy arrays on the CPU: where a tensor lives on a
+GPU the callers keep to torch.
+
+The lossy codecs' kernels (quantizer, clip search, mask generator) each have a numpy or torch
+twin that gives the same bits (tests/test_kernels.py compares them), so using one is only a
+question of speed; the lossless coder's kernels are its only implementation. Loading numba and
+its cached machine code costs about a second of CPU per process (importing numba, then its
+typing and code-generation machinery at the first kernel), more than small checkpoints take to
+compress: so a process runs its first lossy kernel only once its work has reached
+``KERNEL_WORK`` elements (``wanted``), and ``import ders_cli`` or ``ders --help`` never load
+numba. Compiled code is cached on disk (``cache=True``): only the first run on a machine
+compiles.
+
+``DERS_KERNELS=always`` or ``never`` (environment) overrides the choice: tests and benchmarks
+compare both paths.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 _LOCK = threading.Lock()
+
+# Elements of work (summed over a process's calls of ``wanted``) from which the kernels pay
+# for their loading: ~1 s of CPU at 30-60 ns saved per element. 2^25 elements: 64 MB of bf16.
+KERNEL_WORK = 1 << 25
+_MODES = ("auto", "always", "never")
+_state = {"mode": os.environ.get("DERS_KERNELS", "auto"), "work": 0, "loaded": False}
+if _state["mode"] not in _MODES:
+    _state["mode"] = "auto"
+
+
+def set_mode(mode: str) -> str:
+    """Use kernels ``"always"``, ``"never"`` or when the work pays (``"auto"``); returns the
+    mode before (tests)."""
+    if mode not in _MODES:
+        raise ValueError(f"kernel mode must be one of {_MODES}, got {mode!r}")
+    before, _state["mode"] = _state["mode"], mode
+    return before
+
+
+def wanted(elements: int) -> bool:
+    """Whether to run a kernel for ``elements`` more elements of work: always once a kernel has
+    run in this process, otherwise once the process's work has reached ``KERNEL_WORK``."""
+    mode = _state["mode"]
+    if mode != "auto":
+        return mode == "always"
+    if _state["loaded"]:
+        return True
+    with _LOCK:
+        _state["work"] += elements
+        return _state["work"] >= KERNEL_WORK
+
+
+def loaded() -> bool:
+    """Whether a kernel has been loaded in this process."""
+    return bool(_state["loaded"])
 
 
 def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -33,6 +80,7 @@ def kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
                     import numba
 
                     compiled.append(numba.njit(cache=True, nogil=True)(fn))
+                    _state["loaded"] = True
         return compiled[0](*args)
 
     call.py_func = fn  # type: ignore[attr-defined]

@@ -99,11 +99,13 @@ def _exponent_ranks(base, mant, emask, ranks):  # pragma: no cover - compiled by
 @kernel
 def _encode_planes(member, base, ranks, top, half, full, planes
                    ):  # pragma: no cover - compiled by numba
-    # Two loops, not one: the arithmetic vectorizes in natural order, and each plane's scatter
-    # is then a stream of single-byte stores (measured 2x faster than one fused loop).
+    # Two loops, not one: the arithmetic vectorizes in natural order into the residual words
+    # (of the member's own width: a quarter of the memory of uint64 words for bf16), and the
+    # scatter is then a stream of byte stores, both planes of a 2-byte word at once. Ranks are
+    # unsigned so that indexing needs no test for negative indices (measured 1.9x together).
     one, zero, byte = np.uint64(1), np.uint64(0), np.uint64(0xFF)
     n = base.shape[0]
-    z = np.empty(n, np.uint64)
+    z = np.empty_like(member)
     for j in range(n):
         b = np.uint64(base[j])
         m = np.uint64(member[j])
@@ -111,11 +113,18 @@ def _encode_planes(member, base, ranks, top, half, full, planes
         om = m ^ (((m >> top) & one) * half)
         d = (om - ob) & full
         z[j] = ((d << one) ^ (zero - ((d >> top) & one))) & full
+    if planes.shape[0] == 2:
+        low, high = planes[0], planes[1]
+        for j in range(n):
+            r, v = ranks[j], np.uint64(z[j])
+            low[r] = np.uint8(v & byte)
+            high[r] = np.uint8(v >> np.uint64(8))
+        return
     for i in range(planes.shape[0]):
         shift = np.uint64(8 * i)
         row = planes[i]
         for j in range(n):
-            row[ranks[j]] = np.uint8((z[j] >> shift) & byte)
+            row[ranks[j]] = np.uint8((np.uint64(z[j]) >> shift) & byte)
 
 
 @kernel
@@ -123,14 +132,21 @@ def _decode_planes(planes, base, ranks, top, half, full, out
                    ):  # pragma: no cover - compiled by numba
     one, zero = np.uint64(1), np.uint64(0)
     n = base.shape[0]
-    z = np.zeros(n, np.uint64)
-    for i in range(planes.shape[0]):
-        shift = np.uint64(8 * i)
-        row = planes[i]
+    z = np.zeros_like(out)
+    if planes.shape[0] == 2:
+        low, high = planes[0], planes[1]
         for j in range(n):
-            z[j] |= np.uint64(row[ranks[j]]) << shift
+            r = ranks[j]
+            z[j] = np.uint64(low[r]) | (np.uint64(high[r]) << np.uint64(8))
+    else:
+        for i in range(planes.shape[0]):
+            shift = np.uint64(8 * i)
+            row = planes[i]
+            for j in range(n):
+                z[j] |= np.uint64(row[ranks[j]]) << shift
     for j in range(n):
-        r = ((z[j] >> one) ^ (zero - (z[j] & one))) & full
+        w = np.uint64(z[j])
+        r = ((w >> one) ^ (zero - (w & one))) & full
         b = np.uint64(base[j])
         ob = b ^ (((b >> top) & one) * half)
         o = (ob + r) & full
@@ -174,7 +190,7 @@ def _ranked(base: np.ndarray, dtype: str) -> _Ranked:
                     and r.base.dtype == base.dtype and _same_words(r.base, base)):
                 return r
     exp_bits, mant_bits = FLOAT_FIELDS[dtype]
-    ranks = np.empty(base.shape[0], dtype=np.int32 if base.shape[0] < 2**31 else np.int64)
+    ranks = np.empty(base.shape[0], dtype=np.uint32 if base.shape[0] < 2**32 else np.uint64)
     counts = _exponent_ranks(base, np.uint64(mant_bits), np.uint64((1 << exp_bits) - 1), ranks)
     found = _Ranked(base.copy(), dtype, ranks, np.cumsum(counts)[:-1].tolist())
     if base.nbytes + ranks.nbytes <= _RANKED_BYTES // 3:

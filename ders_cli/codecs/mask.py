@@ -23,6 +23,7 @@ from ..constants import (
     SPLITMIX_MUL1,
     SPLITMIX_MUL2,
 )
+from . import jit
 
 _M64 = (1 << 64) - 1
 
@@ -80,6 +81,11 @@ def permutation_prefix(seed: int, n: int, k: int) -> np.ndarray:
     if k == 0:
         return np.empty(0, dtype=np.uint64)
     keys, h = round_keys(seed), half_bits(n)
+    if MASK_ROUNDS == 4 and jit.wanted(k):
+        v = np.empty(k, dtype=np.uint64)
+        # n as uint64: domains up to 2^64 - 1 do not fit the int64 numba gives a Python int.
+        _prefix_kernel(np.array(keys, dtype=np.uint64), np.uint64(h), np.uint64(n), v)
+        return v
     v = _feistel(np.arange(k, dtype=np.uint64), keys, h)
     # Cycle walking: re-apply the permutation of [0, 4^h) until the value lands in [0, n).
     todo = np.flatnonzero(v >= np.uint64(n))
@@ -88,6 +94,40 @@ def permutation_prefix(seed: int, n: int, k: int) -> np.ndarray:
         v[todo] = w
         todo = todo[w >= np.uint64(n)]
     return v
+
+
+# The same generator compiled: every output in registers, in two passes. The first applies the
+# network to every index with no branch (it vectorizes); the second walks the few cycles that
+# left [0, n) (at most 3 in 4 values, about 1 in 6 on average). Measured 2-2.5x faster than one
+# loop that walks each value's cycle at once, and 3-5x faster than numpy. uint64 arithmetic
+# masked to 32 bits is the uint32 arithmetic of ``_fmix32``.
+@jit.kernel
+def _prefix_kernel(keys, h, n, out):  # pragma: no cover - compiled by numba
+    hh, nn = np.uint64(h), np.uint64(n)
+    half = (np.uint64(1) << hh) - np.uint64(1)
+    m32, m1, m2 = np.uint64(0xFFFFFFFF), np.uint64(FMIX32_MUL1), np.uint64(FMIX32_MUL2)
+    s13, s16 = np.uint64(13), np.uint64(16)
+    k0, k1, k2, k3 = keys[0], keys[1], keys[2], keys[3]
+
+    def feistel(v):
+        left, right = v >> hh, v & half
+        for key in (k0, k1, k2, k3):
+            x = right ^ key
+            x ^= x >> s16
+            x = (x * m1) & m32
+            x ^= x >> s13
+            x = (x * m2) & m32
+            x ^= x >> s16
+            left, right = right, left ^ (x & half)
+        return (left << hh) | right
+
+    for i in range(out.shape[0]):
+        out[i] = feistel(np.uint64(i))
+    for i in range(out.shape[0]):
+        v = out[i]
+        while v >= nn:
+            v = feistel(v)
+        out[i] = v
 
 
 def mask_positions(seed: int, n: int, k: int) -> np.ndarray:

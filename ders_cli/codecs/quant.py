@@ -30,6 +30,7 @@ from ..constants import (
 )
 from ..dtypes import TORCH_DTYPES, compute_dtype
 from ..errors import UsageError
+from . import jit
 from .base import ArraySpec, Calibration, CodecSpec, DeltaCodec, GroupShape, Option
 from .bitpack import pack, packed_nbytes, unpack
 from .jit import kernel
@@ -93,7 +94,7 @@ def mse_range(xg: torch.Tensor, tail: int, lo: torch.Tensor, hi: torch.Tensor, l
     where it lowers the group's error. ``tail``: valid elements of the last group."""
     rows, g = xg.shape
     if (xg.device.type == "cpu" and xg.dtype == torch.float32 and g % 32 == 0 and g <= 512
-            and xg.is_contiguous() and _sum_order_is_torchs()):
+            and xg.is_contiguous() and jit.wanted(xg.numel()) and _sum_order_is_torchs()):
         full = rows if tail == g else rows - 1  # a short last group: torch's code, below
         off, sc = _mse_numba(xg[:full], lo[:full], hi[:full], levels)
         if full == rows:
@@ -269,6 +270,22 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, method: str = "rtn"
         return (torch.from_numpy(pack(codes.cpu().numpy(), 1)), scale, None,
                 _reconstruct(q, scale, None, 1, n))
     levels = (1 << bits) - 1
+    fused = (x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+             and jit.wanted(n))
+    if fused:
+        xn = x.reshape(-1).numpy()
+        lo_n = np.empty(num_groups(n, group_size), dtype=np.float32)
+        hi_n = np.empty_like(lo_n)
+        # False: a group's minimum or maximum is a zero, whose sign torch's reductions may
+        # choose otherwise: the torch code below decides those members.
+        fused = _minmax_kernel(xn, group_size, lo_n, hi_n)
+    if fused:
+        lo, hi = torch.from_numpy(lo_n), torch.from_numpy(hi_n)
+        if method == "mse":
+            xg = _grouped(x, group_size, 0.0)
+            lo, step = mse_range(xg, n - (xg.shape[0] - 1) * group_size, lo, hi, levels)
+            hi = lo + step * levels
+        return _quantize_fused(xn, bits, group_size, lo.numpy(), hi.numpy())
     lo = _grouped(x, group_size, float("inf")).amin(dim=1)
     hi = _grouped(x, group_size, float("-inf")).amax(dim=1)
     xg = _grouped(x, group_size, 0.0)
@@ -284,6 +301,126 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, method: str = "rtn"
     codes = q.reshape(-1)[:n].to(torch.uint8)
     return (torch.from_numpy(pack(codes.cpu().numpy(), bits)), scale, offset,
             _reconstruct(q, scale, offset, bits, n))
+
+
+def _quantize_fused(x: np.ndarray, bits: int, group_size: int, lo: np.ndarray, hi: np.ndarray
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize``'s last steps (parameters as stored, codes, packing, the decoded delta) in
+    one pass, from each group's range."""
+    groups = lo.shape[0]
+    packed = np.empty(packed_nbytes(x.shape[0], bits), dtype=np.uint8)
+    offset = np.empty(groups, dtype=np.uint16)
+    scale = np.empty(groups, dtype=np.uint16)
+    decoded = np.empty_like(x)
+    _finish_kernel(x, group_size, lo, hi, (1 << bits) - 1, bits, packed, offset, scale, decoded)
+    return (torch.from_numpy(packed), torch.from_numpy(scale.view(np.int16)).view(_PARAM),
+            torch.from_numpy(offset.view(np.int16)).view(_PARAM), torch.from_numpy(decoded))
+
+
+# The quantizer's element loops compiled: the torch code above, step by step in f32 (every
+# operation rounded where torch rounds it: no fused multiply-add), with bf16 rounding done on the
+# bits as torch does it (round half to even; no NaN reaches here), so the codes, parameters and
+# decoded values are the same bits. Zeros are the one place where torch's vectorized min, max
+# and clamp may return either sign: members whose minimum or maximum is a zero, or whose minimum
+# is so small (below f32's least normal) that its bf16 offset may round to a signed zero, are
+# left to torch (``_minmax_kernel`` returns False). Real deltas never come near: it costs nothing.
+
+_TINY = float(np.finfo(np.float32).tiny)
+
+
+@kernel
+def _minmax_kernel(x, g, lo, hi):  # pragma: no cover - compiled by numba
+    n = x.shape[0]
+    tiny = np.float32(_TINY)
+    for r in range(lo.shape[0]):
+        start = r * g
+        a = b = x[start]
+        for j in range(start + 1, min(n, start + g)):
+            v = x[j]
+            a = min(a, v)
+            b = max(b, v)
+        if abs(a) < tiny or b == 0:
+            return False
+        lo[r], hi[r] = a, b
+    return True
+
+
+@kernel
+def _finish_kernel(x, g, lo, hi, levels, bits, packed, offset, scale, decoded
+                   ):  # pragma: no cover - compiled by numba
+    f32 = np.float32
+    n = x.shape[0]
+    lv = f32(levels)
+    cell = np.empty(1, np.float32)  # a float's bits through memory: numba has no bit cast
+    bits_of = cell.view(np.uint32)
+
+    def bf16(v):
+        bits_of[0] = 0
+        cell[0] = v
+        u = bits_of[0]
+        return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                         >> np.uint32(16))
+
+    def widen(h):
+        bits_of[0] = np.uint32(h) << np.uint32(16)
+        return cell[0]
+
+    def pack_into(codes, bits, packed):
+        # LSB first (docs/FORMAT.md 5.3): whole bytes of 2-, 4- and 8-bit codes and three
+        # bytes of eight 3-bit codes at a time; what is left one code at a time.
+        m = codes.shape[0]
+        done = 0
+        if bits == 8:
+            packed[:m] = codes
+            done = m
+        elif bits == 2 or bits == 4:
+            per = 8 // bits
+            c = codes[: m // per * per].reshape(m // per, per)
+            for b in range(c.shape[0]):
+                v = c[b, 0]
+                for t in range(1, per):
+                    v |= c[b, t] << (t * bits)
+                packed[b] = v
+            done = c.shape[0] * per
+        elif bits == 3:
+            c = codes[: m // 8 * 8].reshape(m // 8, 8)
+            for b in range(c.shape[0]):
+                w = np.uint32(0)
+                for t in range(8):
+                    w |= np.uint32(c[b, t]) << np.uint32(3 * t)
+                packed[3 * b] = w & 0xFF
+                packed[3 * b + 1] = (w >> 8) & 0xFF
+                packed[3 * b + 2] = (w >> 16) & 0xFF
+            done = c.shape[0] * 8
+        acc, filled, out = np.uint64(0), 0, done * bits // 8
+        for j in range(done, m):
+            acc |= np.uint64(codes[j]) << np.uint64(filled)
+            filled += bits
+            if filled >= 8:
+                packed[out] = np.uint8(acc & np.uint64(0xFF))
+                acc >>= np.uint64(8)
+                filled -= 8
+                out += 1
+        if filled > 0:
+            packed[out] = np.uint8(acc & np.uint64(0xFF))
+
+    codes = np.empty(n, np.uint8)
+    for r in range(lo.shape[0]):
+        offset[r] = bf16(lo[r])
+        off = widen(offset[r])
+        scale[r] = bf16(f32(max(f32(hi[r] - off), f32(0)) / lv))
+        sc = widen(scale[r])
+        # Slices, not offsets: loops from 0 over a view vectorize (no negative indices).
+        xs, cs, ds = x[r * g : r * g + g], codes[r * g : r * g + g], decoded[r * g : r * g + g]
+        if sc > 0:
+            for j in range(xs.shape[0]):
+                q = min(max(np.rint(f32(f32(xs[j] - off) / sc)), f32(0)), lv)
+                cs[j] = np.uint8(q)
+                ds[j] = f32(off + f32(q * sc))
+        else:
+            cs[:] = 0
+            ds[:] = off
+    pack_into(codes, bits, packed)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, bits: int,
