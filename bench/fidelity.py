@@ -42,6 +42,8 @@ import torch
 import ders_cli as ders
 from ders_cli import LosslessSpec, QuantSpec, SparseSpec
 from ders_cli.archive import ArchiveReader
+from ders_cli.calibration.statistics import GivenStatistics
+from ders_cli.codecs import Calibration
 from ders_cli.groups import group_arrays
 
 from .smollm2 import load_dense
@@ -219,6 +221,25 @@ SETTINGS = [
 ]
 QUICK = [QuantSpec(2), QuantSpec(2, method="rtn"), QuantSpec(1), SparseSpec(0.9),
          SparseSpec(0.99)]
+CALIBRATED = [QuantSpec(4), QuantSpec(3), QuantSpec(2), QuantSpec(2, method="rtn"), QuantSpec(1),
+              SparseSpec(0.5), SparseSpec(0.9), SparseSpec(0.99), SparseSpec(0.9, value_bits=4),
+              SparseSpec(0.99, rescale="none", value_bits=4)]
+QUICK_CALIBRATED = [QuantSpec(2), QuantSpec(1), SparseSpec(0.9), SparseSpec(0.99)]
+
+
+def statistics(ref_experts: list[dict[str, torch.Tensor]], x: torch.Tensor) -> GivenStatistics:
+    """The calibration of every expert's projections on inputs ``x`` (no router in a slice:
+    every expert sees every token, as in the evaluation): XᵀX for w1 and w3, and for w2 the
+    expert's own activations' second moment."""
+    xd = x.double()
+    h_in = (xd.T @ xd).float()
+    by_tensor = {}
+    for e, w in enumerate(ref_experts):
+        act = (torch.nn.functional.silu(xd @ w["w1"].double().T) * (xd @ w["w3"].double().T))
+        by_tensor[EXPERT.format(e=e, p="w1")] = Calibration(h_in, x.shape[0])
+        by_tensor[EXPERT.format(e=e, p="w3")] = Calibration(h_in, x.shape[0])
+        by_tensor[EXPERT.format(e=e, p="w2")] = Calibration((act.T @ act).float(), x.shape[0])
+    return GivenStatistics(by_tensor, {"tokens": x.shape[0], "seq_len": SEQ})
 
 
 def archive_experts(archive: Path) -> list[dict[str, torch.Tensor]]:
@@ -282,6 +303,12 @@ def main() -> None:
             bits, archive = run_setting(a.folder, spec, Path(tmp))
             versus = papers.get(paper_counterpart(spec) or "")
             row(f"`{spec.label}`", bits, measure(ref, archive_experts(archive)), versus)
+        stats = statistics(ref.experts, inputs["calib"])
+        for spec in QUICK_CALIBRATED if a.quick else CALIBRATED:
+            bits, archive = run_setting(a.folder, spec, Path(tmp), calibration=stats)
+            versus = papers.get(paper_counterpart(spec) or "")
+            row(f"`{spec.label}`, calibrated", bits, measure(ref, archive_experts(archive)),
+                versus)
     print(f"\n{time.perf_counter() - start:.0f} s")
     if a.json:
         a.json.write_text(json.dumps({"rows": rows, "eval_tokens": ref.x.shape[0],

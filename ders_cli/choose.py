@@ -175,7 +175,7 @@ class Policy:
             verdict = self.verdict(trial.encoded.cos_to_base)
             if verdict is not None and verdict.stored_as_is:
                 return trial  # not upcycled: stored as it is whatever the setting
-            if max(trial.encoded.rel_error) <= self.spec.max_error:
+            if max(trial.encoded.limit_errors) <= self.spec.max_error:
                 met = i
                 break
         if met >= LOSSLESS_FROM:  # the rungs of 2 bits and up can lose to lossless in size

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from .archive import ArchiveWriter, index_path, parse_size
+from .calibration.statistics import CalibrationSpec, Statistics, TextCalibration
 from .checkpoint import Checkpoint, is_model_folder, open_checkpoint
 from .choose import Policy, TargetSpec, Trial
-from .codecs import CodecSpec, get_codec
+from .codecs import CodecSpec, LosslessSpec, LowRankSpec, get_codec
 from .codecs.bases import stored_base
 from .constants import (
     BASE_RAW,
@@ -64,6 +65,7 @@ class GroupSummary:
     original_bytes: int
     stored_bytes: int
     max_rel_error: float = 0.0
+    max_output_error: float | None = None  # with --calibration: on the members' own inputs
     min_cos: float = 1.0
     base: str = "mean"
     reason: str = ""
@@ -80,6 +82,7 @@ class CompressResult:
     groups: list[GroupSummary] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)  # the archive's files: index first
+    calibration: dict | None = None  # what the archive was calibrated on
 
     @property
     def ratio(self) -> float:
@@ -115,7 +118,9 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
              max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
              workers: int | None = None, revision: str | None = None,
              token: str | bool | None = None,
-             cache_dir: str | Path | None = None) -> CompressResult:
+             cache_dir: str | Path | None = None,
+             calibration: CalibrationSpec | Statistics | str | Path | None = None
+             ) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
     LosslessSpec, LowRankSpec) or one chosen per group (TargetSpec: --max-error,
     --target-size).
@@ -138,8 +143,13 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
 
     ``model`` (and ``base``) may be Hub repo ids: ``revision`` (of ``model``), ``token`` and
     ``cache_dir`` as huggingface_hub takes them (ders_cli.hub).
+
+    ``calibration`` (a text file or folder, a ``CalibrationSpec``, or ``Statistics`` computed
+    elsewhere): every expert's codes are fitted to its outputs on the inputs it sees while the
+    model reads the text, one decoder layer at a time (``ders_cli.calibration``); the format
+    is unchanged and the manifest records the text (docs/FORMAT.md).
     """
-    _check_settings(spec, given, threshold, device, max_shard_size, workers)
+    _check_settings(spec, given, threshold, device, max_shard_size, workers, calibration)
     hub = HubOptions(revision, token, cache_dir)
     ckpt = open_checkpoint(model, hub)
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
@@ -148,7 +158,8 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
                                    use_shared=use_shared, all_groups=all_groups,
                                    overwrite=overwrite, device=device, reporter=reporter,
                                    reserve=reserve, given=given, max_shard_size=max_shard_size,
-                                   named=model, workers=workers, hub=hub)
+                                   named=model, workers=workers, hub=hub,
+                                   calibration=calibration)
 
 
 def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
@@ -161,13 +172,16 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
                         max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
                         named: str | Path | None = None,
                         workers: int | None = None,
-                        hub: HubOptions | None = None) -> CompressResult:
+                        hub: HubOptions | None = None,
+                        calibration: CalibrationSpec | Statistics | str | Path | None = None
+                        ) -> CompressResult:
     """``compress`` of a checkpoint described by ``ckpt`` (its shard headers, side files and
     where every tensor is) whose tensor bytes are read through ``source``: its shard files
     (``ckpt.open()``), or tensors held in memory. Options as ``compress``; ``named``: what
     errors about the checkpoint name (default its root); ``hub``: how to reach a ``base`` that
     is a Hub repo id."""
-    where, limit = _check_settings(spec, given, threshold, device, max_shard_size, workers)
+    where, limit = _check_settings(spec, given, threshold, device, max_shard_size, workers,
+                                   calibration)
     reporter = reporter or Silent()
     if given:
         found = Found([e.group for e in given], [])
@@ -182,11 +196,15 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
     check_new_output(dest, overwrite)
     check_new_output(index_path(dest), overwrite)  # where a sharded archive's index goes
     leftovers = sweep_leftovers(dest) + sweep_leftovers(index_path(dest))
-    matcher = None
+    matcher = stats = None
     if str(base) != "mean":
         matcher = DenseMatcher(open_checkpoint(base, (hub or HubOptions()).without_revision()),
                                threshold)
     try:
+        if isinstance(calibration, CalibrationSpec | str | Path):
+            stats = TextCalibration(ckpt, source, _calibration_spec(calibration), where)
+        elif calibration is not None:
+            stats = calibration
         policy = None if spec is None else Policy.for_run(ckpt, found, spec, threshold,
                                                           all_groups)
         quantized = quantized_summary(found.skipped)
@@ -198,13 +216,15 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
             shard_reserve=reserve if reserve is not None else estimate_table(ckpt, found),
         ) as writer, computing(workers) as pool:
             job = _Job(ckpt, source, found, policy, {e.group.key: e for e in given}, matcher,
-                       threshold, use_shared, reporter, where, pool)
+                       threshold, use_shared, reporter, where, pool, stats)
             for line in leftovers + list(ckpt.skipped):
                 job.warn(line)
             size = job.run(writer)
     finally:
         if matcher is not None:
             matcher.close()
+        if stats is not None:
+            stats.close()
     reporter.finish()
     return CompressResult(
         archive=shown.with_name(writer.path.name),
@@ -215,24 +235,42 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
         groups=job.summaries,
         warnings=quantized + job.warnings,
         files=[str(f) for f in writer.files],
+        calibration=stats.record() if stats is not None else None,
     )
 
 
 def _check_settings(spec: CodecSpec | TargetSpec | None, given: Sequence[GivenEncoding],
                     threshold: float, device: str, max_shard_size: int | str | None,
-                    workers: int | None) -> tuple[torch.device, int | None]:
+                    workers: int | None,
+                    calibration: CalibrationSpec | Statistics | str | Path | None = None
+                    ) -> tuple[torch.device, int | None]:
     """Refuse settings that make no sense, before anything is read; the device and the shard
     limit they name."""
     if (spec is None) == (not given):
         raise UsageError("compress needs a codec setting or given encodings, not both")
     if spec is not None:
         spec.check()
+    if calibration is not None:
+        if given:
+            raise UsageError("given encodings are stored as they are: nothing to calibrate",
+                             param="calibration")
+        if isinstance(spec, LosslessSpec | LowRankSpec):
+            raise UsageError(f"calibration fits lossy codes to the outputs: "
+                             f"{spec.label} has none to fit", param="calibration")
+        if isinstance(calibration, CalibrationSpec | str | Path):
+            _calibration_spec(calibration).check()
     where = resolve_device(device)
     limit = None if max_shard_size is None else parse_size(max_shard_size)
     if not 0.0 <= threshold <= 1.0:
         raise UsageError(f"threshold must be in [0, 1], got {threshold}", param="threshold")
     resolve_workers(workers)
     return where, limit
+
+
+def _calibration_spec(calibration: CalibrationSpec | str | Path) -> CalibrationSpec:
+    if isinstance(calibration, CalibrationSpec):
+        return calibration
+    return CalibrationSpec(calibration)
 
 
 class _Job:
@@ -244,7 +282,8 @@ class _Job:
     def __init__(self, ckpt: Checkpoint, source: TensorSource, found: Found,
                  policy: Policy | None, given: Mapping[str, GivenEncoding],
                  matcher: DenseMatcher | None, threshold: float, use_shared: bool,
-                 reporter: Reporter, device: torch.device, workers: Workers) -> None:
+                 reporter: Reporter, device: torch.device, workers: Workers,
+                 stats: Statistics | None = None) -> None:
         self.ckpt = ckpt
         self.source = source
         self.found = found
@@ -256,6 +295,7 @@ class _Job:
         self.reporter = reporter
         self.device = device
         self.workers = workers
+        self.stats = stats  # calibration: per-member input statistics, layer by layer
         self.summaries: list[GroupSummary] = []
         self.warnings: list[str] = []
         self.tensors: dict[str, TensorRecord] = {}
@@ -282,6 +322,9 @@ class _Job:
             shards.append(ShardRecord(s.file, s.header.file_size, name))
         side = [self._side_file(w, i, rel) for i, rel in enumerate(ckpt.side_files)]
         plan = units(ckpt, self.found)
+        if self.stats is not None:  # calibration reads the model layer by layer
+            ordered = iter(self.stats.order([u for u in plan if isinstance(u, ExpertGroup)]))
+            plan = [next(ordered) if isinstance(u, ExpertGroup) else u for u in plan]
         groups = [u for u in plan if isinstance(u, ExpertGroup)]
 
         def fetch(g: ExpertGroup) -> Fetched:
@@ -308,6 +351,7 @@ class _Job:
             passthrough_groups=tuple(self.passthrough),
             stored=w.stored_sha256,
             version=required_version(self.records),
+            extra={"calibration": self.stats.record()} if self.stats is not None else {},
         )
         return w.finish(manifest)
 
@@ -406,6 +450,8 @@ class _Job:
         writer.submit(self._store, w, stored, g.nbytes)
         summary.stored_bytes = sum(t.numel() * t.element_size() for _, t, _ in stored)
         summary.max_rel_error = max(enc.rel_error)
+        measured = [e for e in enc.out_error or () if e is not None]
+        summary.max_output_error = max(measured) if measured else None
         summary.min_cos = min(enc.cos)
         self.summaries.append(summary)
 
@@ -420,6 +466,7 @@ class _Job:
                                       codec.base_level))
 
         bases: dict[tuple[str, int | None], Future] = {}  # one per way of storing it
+        calib = self.stats.for_group(g) if self.stats is not None else None
 
         def encode(spec: CodecSpec) -> Trial:
             codec = spec.impl
@@ -428,7 +475,8 @@ class _Job:
                 bases[how] = self.workers.submit(stored_base, loaded.base, codec.base_encoding,
                                                  g.dtype, codec.base_level)
             enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,
-                               spec.params(g), hasher, self.device, workers=self.workers)
+                               spec.params(g), hasher, self.device, calib,
+                               workers=self.workers)
             return Trial(spec, enc, *bases[how].result())
 
         return self.policy.choose(g.key, encode)

@@ -12,7 +12,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,6 +35,18 @@ class EncodedGroup:
     rel_error: list[float]  # ||W - W_hat|| / ||W||
     cos: list[float]  # cosine of W_hat to W
     cos_to_base: list[float]  # cosine of W to the base
+    # With a calibration: ||X (W - W_hat)ᵀ|| / ||X Wᵀ|| on the member's own inputs X (None for
+    # a member the calibration does not describe).
+    out_error: list[float | None] | None = None
+
+    @property
+    def limit_errors(self) -> list[float]:
+        """What --max-error limits: the output error where it was measured, else the weight
+        error."""
+        if self.out_error is None:
+            return self.rel_error
+        return [o if o is not None else r
+                for o, r in zip(self.out_error, self.rel_error, strict=True)]
 
 
 @dataclass
@@ -77,6 +89,7 @@ class _Member:
     rel_error: float
     cos: float
     cos_to_base: float
+    out_error: float | None  # with a calibration that describes this member
 
 
 def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: str,
@@ -92,8 +105,8 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
     given) while the next member is encoded. Either way each member goes through the same
     arithmetic: the archive does not depend on the workers. Memory is the group itself plus a
     few members per worker. Reconstructions are synthesized from what the codec says decoding
-    will give. ``calib``: per member, what calibrated encoders know of its inputs. The arrays
-    come back on the CPU.
+    will give. ``calib``: per member, what calibrated encoders know of its inputs; the output
+    error of each member it describes is measured too. The arrays come back on the CPU.
     """
     n_members = members.shape[0]
     flat = members.reshape(n_members, -1)
@@ -120,8 +133,10 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
                 row, decoded = impl.encode_exact(flat[i], base_flat, dtype, params, i)
             else:
                 # Codecs may overwrite ``delta`` but keep no reference to it in their rows.
-                row, decoded = impl.encode_member(delta, dtype, params, i,
-                                                  calib[i] if calib is not None else None)
+                c = calib[i] if calib is not None else None
+                if c is not None:  # calibrated encoders compensate the rounding of base + δ̂
+                    c = replace(c, base=base_c)
+                row, decoded = impl.encode_member(delta, dtype, params, i, c)
         with stage("measure"):
             dense = isinstance(decoded, torch.Tensor)
             syn = synthesize_decoded(decoded, base_flat, base_c, recon)
@@ -136,8 +151,9 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
                 recon_c = decoded.copy_(recon) if dense else recon.to(cd, copy=True)
                 r_norm = norm(recon_c)
                 e_norm = norm(recon_c.sub_(w))
+            out_error = _output_error(w, recon, calib[i]) if calib is not None else None
         return _Member(row, sha, _six(e_norm / w_norm if w_norm else 0.0),
-                       _six(cos_from_norms(r_norm, w_norm, e_norm)), cos_base)
+                       _six(cos_from_norms(r_norm, w_norm, e_norm)), cos_base, out_error)
 
     if workers is not None and workers.parallel and base_flat.device.type == "cpu":
         def on_worker(i: int) -> _Member:
@@ -160,7 +176,21 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
     arrays = {k: v.cpu() for k, v in arrays.items()}
     recon_sha = [m.sha.result() if isinstance(m.sha, Future) else m.sha for m in done]
     return EncodedGroup(base, arrays, params, recon_sha, [m.rel_error for m in done],
-                        [m.cos for m in done], [m.cos_to_base for m in done])
+                        [m.cos for m in done], [m.cos_to_base for m in done],
+                        [m.out_error for m in done] if calib is not None else None)
+
+
+def _output_error(w: torch.Tensor, recon: torch.Tensor, calib: Calibration | None
+                  ) -> float | None:
+    """||X (W - Ŵ)ᵀ|| / ||X Wᵀ|| from H = XᵀX: sqrt(Σ_rows e H eᵀ / Σ_rows w H wᵀ)."""
+    if calib is None or not calib.fits(w.numel()):
+        return None
+    h = calib.hessian.to(w.device, w.dtype)
+    rows = w.view(-1, h.shape[0])
+    err = recon.to(w.dtype).view_as(rows) - rows
+    signal = float(((rows @ h) * rows).sum())
+    loss = float(((err @ h) * err).sum())
+    return _six(math.sqrt(max(loss, 0.0) / signal)) if signal > 0 else 0.0
 
 
 def _sparse_norms(syn: Synthesized, positions: torch.Tensor, base_norm: float, w: torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 
 from .archive import ArchiveReader
 from .calibration.sequential import LoadedLayers, read_layers
-from .calibration.text import TokenizedText, tokenize_text
+from .calibration.text import TokenizedText, model_tokenizer, tokenize_text
 from .checkpoint import Checkpoint, open_checkpoint
 from .codecs import codec_label
 from .device import resolve_device
@@ -117,7 +117,7 @@ def evaluate(model: str | Path, archives: list[str | Path], text: str | Path, *,
         for r in readers:
             _check_same_model(r, ckpt)
         compute = _compute_dtype(dtype, where, ckpt, readers)
-        tok = _tokenizer(ckpt)
+        tok = model_tokenizer(ckpt.root, "ders eval")
         ids = tokenize_text(text, tok, max_tokens=max_tokens, seq_len=seq_len)
         result = EvalResult(str(model), {"source": str(text), **ids.record()}, str(where),
                             str(compute).removeprefix("torch."))
@@ -193,19 +193,6 @@ def _compute_dtype(dtype: str | None, where: torch.device, ckpt: Checkpoint,
             return TORCH_DTYPES[g.dtype]
     name = (ckpt.config or {}).get("torch_dtype") or (ckpt.config or {}).get("dtype")
     return DTYPES.get(str(name), torch.float32)
-
-
-def _tokenizer(ckpt: Checkpoint) -> Any:
-    from transformers import AutoTokenizer
-
-    from .hf.skeleton import quiet_transformers
-
-    quiet_transformers()
-    try:
-        return AutoTokenizer.from_pretrained(ckpt.root)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"has no tokenizer transformers can load ({exc.__class__.__name__}); "
-                         "ders eval reads the text with the model's own", ckpt.root) from None
 
 
 def _load_original(ckpt: Checkpoint, dtype: torch.dtype, where: torch.device

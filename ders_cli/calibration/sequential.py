@@ -19,16 +19,16 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint
+from ..dtypes import TORCH_DTYPES
 from ..errors import InputError
 from ..families import ROLES, for_model_type
+from ..groups import TensorSource
 from ..hf.skeleton import config_from_dict, empty_model
-from ..safetensors_io import TORCH_DTYPES
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDINGS = "model.embed_tokens.weight"
@@ -80,7 +80,8 @@ class CheckpointLayers:
     """A transformers model of a MoE checkpoint with no weights but the embeddings, whose
     decoder layers are filled from the safetensors files one at a time (and emptied after)."""
 
-    def __init__(self, ckpt: Checkpoint, files: Any, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, ckpt: Checkpoint, source: TensorSource,
+                 dtype: torch.dtype = torch.float32) -> None:
         if ckpt.config is None:
             raise InputError("has no config.json: calibration runs the model, which needs it",
                              ckpt.root)
@@ -89,7 +90,7 @@ class CheckpointLayers:
         if layout is None:
             raise InputError(f"calibration runs mixtral, qwen2_moe and qwen3_moe models; this "
                              f"one is {model_type!r}", ckpt.root)
-        self.ckpt, self.files, self.dtype, self.layout = ckpt, files, dtype, layout
+        self.ckpt, self.source, self.dtype, self.layout = ckpt, source, dtype, layout
         config = config_from_dict(ckpt.config)
         config.use_cache = False
         self.model = empty_model(config, dtype)
@@ -112,8 +113,10 @@ class CheckpointLayers:
         e = self.ckpt.entry(name)
         if e.dtype not in TORCH_DTYPES:
             raise InputError(f"tensor {name!r} has dtype {e.dtype}, which calibration cannot "
-                             "compute with", self.files.of(name).path)
-        return self.files.of(name).tensor(e).to(self.dtype)
+                             "compute with", self.source.path_of(name))
+        t = torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype])
+        self.source.read_into(name, 0, memoryview(t.view(-1).view(torch.uint8).numpy()))
+        return t.to(self.dtype)
 
     def _assign(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():

@@ -47,6 +47,20 @@ class TokenizedText:
                 "text_sha256": self.sha256}
 
 
+def model_tokenizer(root: Path, why: str) -> Any:
+    """The tokenizer of the model folder ``root`` (``why``: what needs it, for the error)."""
+    from transformers import AutoTokenizer
+
+    from ..hf.skeleton import quiet_transformers
+
+    quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(root)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"has no tokenizer transformers can load ({exc.__class__.__name__}); "
+                         f"{why} reads the text with the model's own", root) from None
+
+
 def check_lengths(max_tokens: int, seq_len: int, what: str = "--max-tokens") -> None:
     if seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2, got {seq_len}", )

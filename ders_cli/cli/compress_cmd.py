@@ -58,10 +58,30 @@ COMPRESS_EXAMPLES = examples(
     "ders compress ./moe --lossless                      # every expert bit for bit",
     "ders compress ./moe --rank 8                        # low-rank deltas",
     "ders compress ./moe --max-error 0.005               # per group the cheapest within it",
+    "ders compress ./moe --drop 0.9 --calibration ./text # kept values fitted to the outputs",
     "ders compress org/moe --revision v1 --target-size 25% -o moe.ders")
 QUANTIZE_EXAMPLES = examples(
     "ders quantize ./moe --bits 2",
+    "ders quantize ./moe --bits 1 --calibration ./text   # GPTQ on the deltas",
     "ders quantize ./moe --bits 4 --method rtn -o moe-q4.ders")
+
+
+# Defaults repeated here so that `ders --help` needs no torch (tests hold them equal).
+DEFAULT_CALIBRATION_TOKENS = 16384
+DEFAULT_CALIBRATION_SEQ_LEN = 512
+CALIBRATION_OPTIONS = ("calibration_tokens", "calibration_seq_len")
+CalibrationOpt = Annotated[Path | None, typer.Option(
+    "--calibration", metavar="PATH", show_default=False,
+    help="Fit every expert's codes to what it computes: the model reads this text (a file or "
+         "a folder of text files) one layer at a time, and each expert's deltas are encoded "
+         "against the inputs it sees (GPTQ for --bits, least-squares kept values for --drop). "
+         "Same format; slower.")]
+CalibrationTokensOpt = Annotated[int, typer.Option(
+    "--calibration-tokens", metavar="N",
+    help="With --calibration: read at most this many tokens of the text.")]
+CalibrationSeqLenOpt = Annotated[int, typer.Option(
+    "--calibration-seq-len", metavar="N",
+    help="With --calibration: tokens per sequence.")]
 
 
 def compress_cmd(
@@ -79,7 +99,8 @@ def compress_cmd(
              "SVD), two thin factors per expert.")] = None,
     max_error: Annotated[float | None, typer.Option(
         "--max-error", metavar="E", show_default=False,
-        help="Instead of --drop: the largest relative error of any expert; per group the "
+        help="Instead of --drop: the largest relative error of any expert (of its weights; "
+             "with --calibration, of its outputs on the inputs it sees); per group the "
              "cheapest setting within it.")] = None,
     target_size: Annotated[str | None, typer.Option(
         "--target-size", metavar="F", show_default=False,
@@ -102,6 +123,9 @@ def compress_cmd(
         help="With --bits: kept values sharing one scale and offset.")] = DEFAULT_GROUP_SIZE,
     seed: Annotated[int, typer.Option(
         "--seed", metavar="N", help="With --drop and random masks: the masks' seed.")] = 0,
+    calibration: CalibrationOpt = None,
+    calibration_tokens: CalibrationTokensOpt = DEFAULT_CALIBRATION_TOKENS,
+    calibration_seq_len: CalibrationSeqLenOpt = DEFAULT_CALIBRATION_SEQ_LEN,
     base: BaseOpt = "mean",
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     no_shared: NoSharedOpt = False,
@@ -138,22 +162,32 @@ def compress_cmd(
                 refuse(ctx, ("group_size",), "with --bits")
             if mask is Mask.magnitude:
                 refuse(ctx, ("seed",), "to random masks", instead="--mask magnitude")
+        if calibration is None:
+            refuse(ctx, CALIBRATION_OPTIONS, "with --calibration")
+        elif lossless or rank is not None:
+            raise UsageError(f"--calibration fits lossy codes to the outputs: {modes[0]} has "
+                             "none to fit")
         spec = compress_spec(drop, lossless, rank, target_size, max_error,
                              sparse=dict(seed=seed, mask=mask.value, rescale=rescale and
                                          rescale.value, value_bits=bits, value_group=group_size))
     _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
          use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force,
          max_shard_size=max_shard_size, workers=workers, revision=revision, token=token,
-         cache_dir=cache_dir)
+         cache_dir=cache_dir,
+         calibration=_calibration(calibration, calibration_tokens, calibration_seq_len))
 
 
 def quantize_cmd(
+    ctx: typer.Context,
     model: ModelArg,
     bits: Annotated[int, typer.Option(
         "--bits", metavar="K", help="Bits per delta element: 1, 2, 3, 4 or 8.")],
     out_path: ArchiveOut = None,
     group_size: GroupSizeOpt = DEFAULT_GROUP_SIZE,
     method: MethodOpt = DEFAULT_METHOD,
+    calibration: CalibrationOpt = None,
+    calibration_tokens: CalibrationTokensOpt = DEFAULT_CALIBRATION_TOKENS,
+    calibration_seq_len: CalibrationSeqLenOpt = DEFAULT_CALIBRATION_SEQ_LEN,
     base: BaseOpt = "mean",
     threshold: ThresholdOpt = DEFAULT_THRESHOLD,
     no_shared: NoSharedOpt = False,
@@ -174,10 +208,22 @@ def quantize_cmd(
     quantization)."""
     from ..codecs import QuantSpec
 
+    if calibration is None:
+        with reported():
+            refuse(ctx, CALIBRATION_OPTIONS, "with --calibration")
     _run(model, QuantSpec(bits, group_size, method.value), out_path, json, quiet, base=base,
          threshold=threshold, use_shared=not no_shared, all_groups=all_groups, device=device,
          overwrite=force, max_shard_size=max_shard_size, workers=workers, revision=revision,
-         token=token, cache_dir=cache_dir)
+         token=token, cache_dir=cache_dir,
+         calibration=_calibration(calibration, calibration_tokens, calibration_seq_len))
+
+
+def _calibration(text: Path | None, tokens: int, seq_len: int) -> object:
+    if text is None:
+        return None
+    from ..calibration.statistics import CalibrationSpec
+
+    return CalibrationSpec(text, tokens, seq_len)
 
 
 def compress_spec(drop: float | None, lossless: bool, rank: int | None, target_size: str | None,
@@ -213,18 +259,29 @@ def _run(model: str, spec: CodecSpec | SparseSpec | TargetSpec, out_path: Path |
 
 
 def show(r: CompressResult, seconds: float) -> None:
-    table = Table(title=f"{escape(r.setting)}: expert groups", title_justify="left")
-    for col, just in (("group", "left"), ("N", "right"), ("stored as", "left"),
-                      ("bytes", "right"), ("of original", "right"), ("rel. error (max)", "right"),
-                      ("cos (min)", "right")):
+    title = f"{escape(r.setting)}: expert groups"
+    calibrated = r.calibration is not None
+    if calibrated:
+        title += (f", calibrated on {r.calibration['tokens']:,} tokens (output error: on each "
+                  "expert's own inputs" + (", what --max-error limits)" if
+                                            r.setting.startswith("max error") else ")"))
+    table = Table(title=title, title_justify="left")
+    columns = [("group", "left"), ("N", "right"), ("stored as", "left"), ("bytes", "right"),
+               ("of original", "right"), ("rel. error (max)", "right")]
+    if calibrated:
+        columns.append(("output error (max)", "right"))
+    for col, just in [*columns, ("cos (min)", "right")]:
         table.add_column(col, justify=just, overflow="fold")
     for g in sorted(r.groups, key=lambda g: natural_key(g.key)):
         passthrough = g.action == "passthrough"
         members = str(g.members) + (f" ({len(g.shared)} shared)" if g.shared else "")
-        table.add_row(escape(g.key), members, escape(g.setting),
-                      human_bytes(g.stored_bytes), f"{g.stored_bytes / g.original_bytes:.1%}",
-                      "-" if passthrough else f"{g.max_rel_error:.2e}",
-                      "-" if passthrough else f"{g.min_cos:.6f}")
+        row = [escape(g.key), members, escape(g.setting), human_bytes(g.stored_bytes),
+               f"{g.stored_bytes / g.original_bytes:.1%}",
+               "-" if passthrough else f"{g.max_rel_error:.2e}"]
+        if calibrated:
+            row.append("-" if passthrough or g.max_output_error is None
+                       else f"{g.max_output_error:.2e}")
+        table.add_row(*row, "-" if passthrough else f"{g.min_cos:.6f}")
     out.print(table)
     if r.groups and all(g.action == "passthrough" for g in r.groups):
         out.print("[bold yellow]nothing was compressed:[/] no expert group looks upcycled, so "

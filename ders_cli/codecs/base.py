@@ -63,10 +63,23 @@ def densify(decoded: Decoded, numel: int) -> torch.Tensor:
 class Calibration:
     """What a calibrated encoder knows of the inputs one member (expert) sees: the second
     moment ``hessian`` = XᵀX of the projection's inputs, ``[in, in]`` float32, over ``tokens``
-    tokens. Encoders that ignore it write the same bytes as without it."""
+    tokens. Encoders that ignore it write the same bytes as without it.
+
+    ``base``: the group's base, flattened, in the compute dtype (``encode_group`` fills it in):
+    a member is stored as cast(base + δ̂), and calibrated encoders compensate that rounding too.
+    """
 
     hessian: torch.Tensor
     tokens: int
+    base: torch.Tensor | None = None
+
+    def fits(self, numel: int) -> bool:
+        """Whether a member of ``numel`` elements is a matrix [numel / in, in] this calibration
+        describes the inputs of (a member of another shape is encoded uncalibrated)."""
+        cols = self.hessian.shape[0]
+        return (self.tokens > 0 and self.hessian.dim() == 2 and cols > 0
+                and self.hessian.shape[1] == cols and numel % cols == 0
+                and (self.base is None or self.base.numel() == numel))
 
 
 @dataclass(frozen=True)

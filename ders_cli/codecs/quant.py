@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..calibration.solve import quantize_calibrated
 from ..constants import (
     CODEC_QUANT,
     DEFAULT_GROUP_SIZE,
@@ -303,6 +304,28 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, method: str = "rtn"
             _reconstruct(q, scale, offset, bits, n))
 
 
+def quantize_calibrated_member(x: torch.Tensor, bits: int, group_size: int, method: str,
+                               calib: Calibration | None, dtype: torch.dtype
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                          torch.Tensor]:
+    """``quantize``, with the codes, scales and offsets then fitted to the member's inputs when
+    ``calib`` describes them (``calibration.solve``: GPTQ from this start, never worse on the
+    calibration inputs); ``dtype``: the member's, for the rounding of base + delta."""
+    start = quantize(x, bits, group_size, method)
+    n = x.numel()
+    if calib is None or n == 0 or not calib.fits(n):
+        return start
+    g = min(group_size, n)
+    _, scale, offset, _ = start
+    q, off, sc = quantize_calibrated(
+        x, calib.hessian.to(x.device), bits, g, None if offset is None else offset.to(x.dtype),
+        scale.to(x.dtype), base=calib.base, dtype=dtype)
+    scale = sc.to(_PARAM)
+    offset = None if off is None else off.to(_PARAM)
+    return (torch.from_numpy(pack(q.cpu().numpy(), bits)), scale, offset,
+            _reconstruct(_grouped(q.to(x.dtype), g, 0.0), scale, offset, bits, n))
+
+
 def _quantize_fused(x: np.ndarray, bits: int, group_size: int, lo: np.ndarray, hi: np.ndarray
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``quantize``'s last steps (parameters as stored, codes, packing, the decoded delta) in
@@ -491,8 +514,9 @@ class QuantCodec(DeltaCodec):
     def encode_member(cls, delta: torch.Tensor, dtype: str, params: dict, member: int,
                       calib: Calibration | None = None
                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        codes, scale, offset, decoded = quantize(delta, params["bits"], params["group_size"],
-                                                 params.get("method", RECORDED_QUANT_METHOD))
+        codes, scale, offset, decoded = quantize_calibrated_member(
+            delta, params["bits"], params["group_size"],
+            params.get("method", RECORDED_QUANT_METHOD), calib, TORCH_DTYPES[dtype])
         row = {"codes": codes, "scale": scale}
         if offset is not None:
             row["offset"] = offset

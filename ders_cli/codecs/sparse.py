@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..calibration.solve import sparse_values
 from ..constants import (
     CODEC_SPARSE,
     DEFAULT_GROUP_SIZE,
@@ -258,9 +259,14 @@ class SparseCodec(DeltaCodec):
             pos = positions_on(parse_seed(params["seeds"][member]), numel, keep, delta.device)
         else:
             pos = top_magnitude(delta, keep)
-        # index_select and index_copy_: several times faster than advanced indexing in torch.
-        kept = torch.index_select(delta, 0, pos)
-        kept *= _scale(params.get("rescale", "inverse"), delta, kept, numel, keep)
+        if calib is not None and calib.fits(numel):
+            # Calibrated: the kept values that give the member's outputs best (least squares
+            # on its inputs), whatever the rescale asked for.
+            kept = sparse_values(delta, pos, calib.hessian.to(delta.device))
+        else:
+            # index_select and index_copy_: several times faster than advanced indexing.
+            kept = torch.index_select(delta, 0, pos)
+            kept *= _scale(params.get("rescale", "inverse"), delta, kept, numel, keep)
         if vq is None:
             values = kept.to(TORCH_DTYPES[dtype])
             row, decoded_values = {"values": values}, values.to(delta.dtype)
