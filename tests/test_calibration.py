@@ -216,3 +216,16 @@ def test_cli_defaults_are_the_librarys():
 
     assert compress_cmd.DEFAULT_CALIBRATION_TOKENS == statistics.DEFAULT_TOKENS
     assert compress_cmd.DEFAULT_CALIBRATION_SEQ_LEN == statistics.DEFAULT_SEQ_LEN
+
+
+def test_target_size_measures_output_error_and_workers_change_nothing(tiny, tmp_path):
+    calib = CalibrationSpec(tiny / "calib", tokens=512, seq_len=128)
+    archives = []
+    for workers in (1, 2):
+        dest = tmp_path / f"t{workers}.ders"
+        r = ders.compress(tiny / "moe", TargetSpec(target_size=0.5), dest, calibration=calib,
+                          workers=workers)
+        assert r.calibration["tokens"] == 512
+        assert all(g.max_output_error is not None for g in r.groups)
+        archives.append(dest.read_bytes())
+    assert archives[0] == archives[1]
