@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -93,7 +94,11 @@ class CheckpointLayers:
         self.ckpt, self.source, self.dtype, self.layout = ckpt, source, dtype, layout
         config = config_from_dict(ckpt.config)
         config.use_cache = False
-        self.model = empty_model(config, dtype)
+        with warnings.catch_warnings():
+            # A config without a shared expert may still size one at 0 (Qwen2-MoE's
+            # shared_expert_intermediate_size = 0): torch warns about initializing it, on meta.
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self.model = empty_model(config, dtype)
         self.by_layer: dict[int, list[str]] = {}
         for name in ckpt.where:
             m = _LAYER.match(name)
