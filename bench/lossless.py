@@ -3,15 +3,17 @@ in the same run (zstd, xz, zipnn plain and in delta mode), and what each choice 
 residuals is worth (cited in docs/FORMAT.md, "Lossless").
 
     python -m bench.lossless [MODEL] [--runs 3]   # default: ../shared/real-slice/moe-layer0...
+    python -m bench.lossless --workers 1 2        # ders' rows at 1 and at 2 workers
 
 Everything runs in this process, timed with warm caches (the file is read once before; ders and
 numba run once before they are timed, so starting Python and compiling are not counted): MB/s
 is the file's bytes over the median seconds of ``--runs`` runs (xz: one run), both ways, every
-method checked to restore the file's bytes. zipnn ("ZipNN: lossless compression for AI models",
-its Python API) runs on as many threads as ders may use; its delta mode is ders' own question
-asked zipnn's way: each expert XORed with the group's mean (stored too, by zipnn), as its
-authors suggest for fine-tuned models (the Python API's ``compress_delta`` is not implemented in
-zipnn 0.5.4). Sizes are exact; seconds are wall-clock on a machine that may be shared.
+method checked to restore the file's bytes; wall seconds, and CPU seconds of the whole process
+(every thread), so that a shared machine still gives a fair figure of the work. zipnn ("ZipNN:
+lossless compression for AI models", its Python API) runs on as many threads as ders may use;
+its delta mode is ders' own question asked zipnn's way: each expert XORed with the group's mean
+(stored too, by zipnn), as its authors suggest for fine-tuned models (the Python API's
+``compress_delta`` is not implemented in zipnn 0.5.4). Sizes are exact.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +42,26 @@ from ders_cli.grouping import load_group
 REAL_SLICE = Path(__file__).resolve().parents[2] / "shared/real-slice/moe-layer0.safetensors"
 
 
-def timed(fn: Callable[[], object]) -> tuple[object, float]:
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Seconds:
+    wall: float
+    cpu: float  # the process's CPU time, every thread
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, Seconds]:
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn()
-    return out, time.perf_counter() - start
+    return out, Seconds(time.perf_counter() - start, time.process_time() - cpu)
 
 
-def median_time(fn: Callable[[], object], runs: int) -> tuple[object, float]:
-    """``fn``'s result and the median of its wall seconds over ``runs`` runs."""
+def median_time(fn: Callable[[], object], runs: int) -> tuple[object, Seconds]:
+    """``fn``'s result and the medians of its wall and CPU seconds over ``runs`` runs."""
     results = [timed(fn) for _ in range(max(1, runs))]
-    return results[-1][0], statistics.median(t for _, t in results)
+    return results[-1][0], Seconds(statistics.median(t.wall for _, t in results),
+                                   statistics.median(t.cpu for _, t in results))
 
 
-Row = tuple[str, int, float, float, bool]  # name, bytes, compress s, decompress s, exact
+Row = tuple[str, int, Seconds, Seconds, bool]  # name, bytes, compress, decompress, exact
 
 
 def general(data: bytes, runs: int) -> list[Row]:
@@ -128,25 +138,28 @@ def _groups(path: Path) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     return out
 
 
-def with_ders(path: Path, runs: int) -> Row:
-    """ders compress --lossless and ders expand, in this process, after one untimed run."""
+def with_ders(path: Path, runs: int, workers: int | None = None) -> Row:
+    """ders compress --lossless and ders expand, in this process, after one untimed run, with
+    ``workers`` threads (None: every usable core, the default)."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         counter = iter(range(10**6))
 
         def comp() -> int:
-            return compress(path, LosslessSpec(), tmp / f"a{next(counter)}.ders").archive_bytes
+            return compress(path, LosslessSpec(), tmp / f"a{next(counter)}.ders",
+                            workers=workers).archive_bytes
 
         def decomp() -> bool:
             i = next(counter)
-            folder = expand(tmp / "a0.ders", tmp / f"x{i}").folder
+            folder = expand(tmp / "a0.ders", tmp / f"x{i}", workers=workers).folder
             return (folder / path.name).read_bytes() == path.read_bytes()
 
         comp()  # numba's kernels load (or compile) once per process
         size, c = median_time(comp, runs)
         decomp()
         same, d = median_time(decomp, runs)
-    return ("ders compress --lossless", size, c, d, same)
+    name = "ders compress --lossless" + ("" if workers is None else f" --workers {workers}")
+    return (name, size, c, d, same)
 
 
 def ablation(path: Path) -> dict[str, int]:
@@ -187,17 +200,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="a .safetensors file of upcycled experts")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per method (median)")
     ap.add_argument("--no-ablation", action="store_true", help="skip the second table")
+    ap.add_argument("--workers", type=int, nargs="+", metavar="N",
+                    help="ders' rows with --workers N, for each N given (default: all cores)")
     a = ap.parse_args(argv)
+    if a.workers and min(a.workers) < 1:
+        ap.error("--workers: counts are positive")
     data = a.model.read_bytes()
     n = len(data)
     print(f"{a.model.name}: {n} bytes, {usable_cores()} cores\n")
-    print("| method | of the file | compress MB/s | decompress MB/s | bytes restored |")
-    print("|---|---:|---:|---:|---|")
-    rows = general(data, a.runs) + with_zipnn(a.model, data, a.runs) + [with_ders(a.model,
-                                                                                  a.runs)]
+    print("| method | of the file | compress MB/s | decompress MB/s | compress MB per CPU s | "
+          "decompress MB per CPU s | bytes restored |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    rows = general(data, a.runs) + with_zipnn(a.model, data, a.runs)
+    rows += [with_ders(a.model, a.runs, w) for w in (a.workers or [None])]
     for name, size, c, d, same in rows:
-        print(f"| {name} | {size / n:.1%} | {n / 1e6 / c:.0f} | {n / 1e6 / d:.0f} | "
-              f"{'yes' if same else 'NO'} |")
+        print(f"| {name} | {size / n:.1%} | {n / 1e6 / c.wall:.0f} | {n / 1e6 / d.wall:.0f} | "
+              f"{n / 1e6 / c.cpu:.0f} | {n / 1e6 / d.cpu:.0f} | {'yes' if same else 'NO'} |")
     if not all(r[4] for r in rows):
         print("a method did NOT restore the file", file=sys.stderr)
         return 1

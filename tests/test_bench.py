@@ -103,3 +103,22 @@ def test_fidelity_measures_and_the_papers_recipe():
     assert paper_counterpart(QuantSpec(1)) == "1-bit"
     assert paper_counterpart(SparseSpec(0.9)) == "drop 0.9"
     assert paper_counterpart(SparseSpec(0.9, mask="magnitude")) is None
+
+
+def test_warm_sweep_tables_and_command_selection():
+    """bench.warm --workers 1 2: every command at each count, a scaling table from the first;
+    --only adds what an expand or a verify needs, and refuses unknown keys."""
+    from bench.warm import Result, Run, selected, tables
+
+    assert [k for k, _, _ in selected("verify")] == ["drop", "verify"]
+    assert [k for k, _, _ in selected("expand-lossless,q2")] == ["q2", "lossless",
+                                                                 "expand-lossless"]
+    with pytest.raises(SystemExit):
+        selected("nope")
+    copy = Run(wall=1.0, cpu=0.5, peak_rss=10**7)
+    one = Result("compress --drop 0.9", [Run(4.0, 4.0, 5 * 10**8)] * 3, [copy] * 3, 10**9, 1)
+    two = Result("compress --drop 0.9", [Run(2.5, 4.4, 6 * 10**8)] * 3, [copy] * 3, 10**9, 2)
+    text = tables([one, two])
+    assert "| `compress --drop 0.9` | 1 | 8.0x | 4.0x |" in text
+    assert "| `compress --drop 0.9` | 4.0x | 2.5x | 1.60x | 1.10 |" in text
+    assert "speed-up" not in tables([Result("x", [copy], [copy], 10**9)])

@@ -43,7 +43,9 @@ def test_warm_tables_are_ratios_to_the_copy_of_the_same_round():
             Run(10.0, 8.0, 7 << 20, {"stages": {"codec": {"cpu": 3.5}}})]
     text = tables([Result("compress --drop 0.9", runs, copies, 100_000_000)])
     row = next(line for line in text.splitlines() if line.startswith("| `compress"))
-    # wall ratios 3, 2, 5 -> median 3; CPU ratios 4, 3, 8 -> 4; MB/s over the median wall 8 s
-    assert row.startswith("| `compress --drop 0.9` | 4.0x | 3.0x | 12 | 8.00 | 2.00 | 7 |")
+    # wall ratios 3, 2, 5 -> median 3; CPU ratios 4, 3, 8 -> 4; MB/s over the median wall 8 s;
+    # then the medians of CPU s, the copy's wall and CPU s, and the peak RSS
+    assert row.startswith("| `compress --drop 0.9` | 4.0x | 3.0x | 12 | 8.00 | 6.00 | 2.00 | "
+                          "1.00 | 7 |")
     stage_row = [line for line in text.splitlines() if line.startswith("| `compress")][1]
     assert "| 6.00 |" in stage_row and "| 2.50 |" in stage_row  # the median run's stages
