@@ -185,7 +185,8 @@ def _install(am: ArchiveModel, block: nn.Module, layer: int, mode: str, cache: E
                                                trainable=False)
         n = len(slots["gate"].group.members) - int(slots["gate"].has_shared)
         experts = DersExperts(projections["gate"], projections["up"], projections["down"], n,
-                              block.experts.act_fn, type(block.experts), mode, cache)
+                              block.experts.act_fn, type(block.experts), mode, cache,
+                              config=getattr(block.experts, "config", None))
         block.experts = experts
         if slots["gate"].has_shared:
             block.shared_expert = DersSharedExpert(experts, type(block.shared_expert))

@@ -68,8 +68,7 @@ def test_from_pretrained_equals_the_expanded_checkpoint(folders, family):
     assert config["quantization_config"]["quant_method"] == "ders"
     for dtype in ("auto", torch.float32):
         model = _auto().from_pretrained(folder, dtype=dtype, device_map="cpu")
-        ref = _auto().from_pretrained(folders / f"{family}-expanded", dtype=dtype,
-                                      experts_implementation="eager")
+        ref = _auto().from_pretrained(folders / f"{family}-expanded", dtype=dtype)
         assert model.dtype == ref.dtype
         experts = [m for m in model.modules() if isinstance(m, DersExperts)]
         out, want = _logits(model), _logits(ref)
@@ -221,7 +220,6 @@ def test_a_sharded_archive_loads_the_same(folders, tmp_path):
     folder = write_folder(result.archive, tmp_path / "folder")
     config = json.loads((folder / "config.json").read_text())
     assert config["quantization_config"]["archive"] == "s.ders.safetensors.index.json"
-    ref = _logits(_auto().from_pretrained(folders / "mixtral-expanded",
-                                          experts_implementation="eager"))
+    ref = _logits(_auto().from_pretrained(folders / "mixtral-expanded"))
     assert torch.equal(_logits(_auto().from_pretrained(folder)), ref)
     assert torch.equal(_logits(load_from_archive(result.archive)), ref)

@@ -17,10 +17,12 @@ from fixtures.upcycled import Dims, make_upcycled
 TOKENS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
 
 
-def _eager(path):
+def _expanded(path):
+    """An expanded checkpoint as transformers loads it (its default experts computation, which
+    synthesized experts follow)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 def _logits(model) -> torch.Tensor:
@@ -61,7 +63,7 @@ def compressed(tmp_path_factory):
 
 
 def test_synthesized_experts_give_the_expanded_models_logits_bit_for_bit(ders_archive):
-    ref = _logits(_eager(ders_archive / "vanilla"))
+    ref = _logits(_expanded(ders_archive / "vanilla"))
     model = load_from_archive(ders_archive / "m.ders", mode="synthesize", cache_gb=0)
     assert any(isinstance(m, DersExperts) for m in model.modules())
     assert torch.equal(_logits(model), ref)
@@ -71,7 +73,7 @@ def test_synthesized_experts_give_the_expanded_models_logits_bit_for_bit(ders_ar
 
 
 def test_factored_experts_equal_the_expanded_model_to_f32_rounding(ders_archive):
-    ref = _logits(_eager(ders_archive / "vanilla"))
+    ref = _logits(_expanded(ders_archive / "vanilla"))
     out = _logits(load_from_archive(ders_archive / "m.ders", mode="factored"))
     # No W_e is formed: x W_base^T + x A B^T rounds differently from x (W_base + A B)^T.
     assert float((out - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
@@ -80,8 +82,11 @@ def test_factored_experts_equal_the_expanded_model_to_f32_rounding(ders_archive)
 
 @pytest.mark.parametrize("name", ["mixtral-sparse", "mixtral-quant", "qwen3_moe-sparse"])
 def test_archives_of_ders_compress_run_too(compressed, name):
+    from transformers import AutoModelForCausalLM
+
     tmp = compressed[name]
-    expanded = _eager(tmp / f"{name}-expanded")
+    # transformers' default experts computation (grouped), which the archive's follows.
+    expanded = AutoModelForCausalLM.from_pretrained(tmp / f"{name}-expanded").eval()
     ref = _logits(expanded)
     model = load_from_archive(tmp / f"{name}.ders")  # auto: synthesized, cached
     assert all(m.mode == "synthesize" for m in model.modules() if isinstance(m, DersExperts))
@@ -117,10 +122,10 @@ def test_a_change_of_dtype_changes_the_compute_dtype_not_the_stored_experts(loss
 
     model, archive = lossless
     moved = load_from_archive(archive).to(dtype)
-    ref = AutoModelForCausalLM.from_pretrained(model, experts_implementation="eager").eval()
+    ref = AutoModelForCausalLM.from_pretrained(model).eval()
     assert torch.equal(_logits(moved), _logits(ref.to(dtype)))
     assert torch.equal(_logits(load_from_archive(archive, dtype=dtype)),
-                       _logits(_eager_in(model, dtype)))
+                       _logits(_expanded_in(model, dtype)))
     for module in moved.modules():
         if isinstance(module, DersExperts):
             assert module.gate.base.dtype == torch.bfloat16  # as stored
@@ -150,17 +155,16 @@ def test_loading_leaves_transformers_logging_as_the_user_set_it(lossless):
         logging.set_verbosity(before)
 
 
-def _eager_in(path, dtype):
+def _expanded_in(path, dtype):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager",
-                                                dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def test_configure_and_a_cache_budget_keep_the_logits(ders_archive):
     from ders_cli.runtime import configure
 
-    ref = _logits(_eager(ders_archive / "vanilla"))
+    ref = _logits(_expanded(ders_archive / "vanilla"))
     model = load_from_archive(ders_archive / "m.ders")
     experts = [m for m in model.modules() if isinstance(m, DersExperts)]
     assert {m.mode for m in experts} == {"factored"}  # auto, for low-rank deltas
@@ -171,3 +175,33 @@ def test_configure_and_a_cache_budget_keep_the_logits(ders_archive):
     assert 0 < cache.nbytes <= 1.5 * one
     with pytest.raises(UsageError, match="mode"):
         configure(model, mode="fast")
+
+
+@pytest.fixture(scope="module")
+def top3(tmp_path_factory):
+    """A bf16 Mixtral routing to 3 of 4 experts (the per-token sum of 3 rounds differently in
+    transformers' eager and grouped computations) and its lossless archive."""
+    tmp = tmp_path_factory.mktemp("top3")
+    model = make_upcycled(tmp / "mixtral", Dims(vocab=128, top_k=3), family="mixtral")
+    compress(model, LosslessSpec(), tmp / "l.ders")
+    return model, tmp / "l.ders"
+
+
+@pytest.mark.parametrize("implementation", [None, "eager"])
+def test_synthesized_experts_follow_the_models_experts_implementation(top3, implementation):
+    # The archive's experts compute as the expanded model's do when loaded the same way:
+    # transformers' default grouped computation (no index_add_, the faster on a CPU) or, with
+    # experts_implementation="eager", its eager loop; bit for bit from a lossless archive.
+    from transformers import AutoModelForCausalLM
+
+    model, archive = top3
+    options = {} if implementation is None else {"experts_implementation": implementation}
+    ref = _logits(AutoModelForCausalLM.from_pretrained(model, **options).eval())
+    loaded = load_from_archive(archive)
+    if implementation is not None:
+        loaded.set_experts_implementation(implementation)
+    assert torch.equal(_logits(loaded), ref)
+    assert torch.equal(_logits(loaded), ref)  # warm: from the cache
+    other = "eager" if implementation is None else "grouped_mm"
+    assert not torch.equal(_logits(AutoModelForCausalLM.from_pretrained(
+        model, experts_implementation=other).eval()), ref)  # the two do differ here

@@ -14,8 +14,9 @@ member (``ders_cli.codecs``). Expert e computes ``x @ (W_base + Δ_e).T`` one of
   with at inference.
 - synthesize: W_e = cast(W_base + δ_e), the bytes ``ders expand`` writes, formed when the router
   selects e (and kept in an ``ExpertCache`` within its budget), used in transformers' own expert
-  loop: the logits of the expanded model loaded with ``experts_implementation="eager"``, bit for
-  bit.
+  computation (its default grouped one, or its eager loop when the model's
+  ``experts_implementation`` is "eager"): the logits of the expanded model loaded the same way,
+  bit for bit.
 
 A projection is *trainable* (DeRS training: W_base and the deltas are Parameters, which follow
 ``model.to(dtype)`` as any parameter) or *stored* (from an archive: buffers that keep their
@@ -228,7 +229,7 @@ class DersExperts(nn.Module):
     def __init__(self, gate: DersProjection, up: DersProjection, down: DersProjection,
                  num_experts: int, act_fn: Callable[[torch.Tensor], torch.Tensor],
                  vanilla_cls: type[nn.Module] | None, mode: str = "auto",
-                 cache: ExpertCache | None = None) -> None:
+                 cache: ExpertCache | None = None, config: Any = None) -> None:
         super().__init__()
         self.gate, self.up, self.down = gate, up, down
         self.num_experts = num_experts
@@ -236,6 +237,11 @@ class DersExperts(nn.Module):
         self.vanilla_cls = vanilla_cls  # the transformers module this one stands in for
         self.mode = self.resolve(mode)
         self.cache = cache if cache is not None else ExpertCache(0)
+        # The model's config, read at each call as transformers' experts read it: synthesized
+        # experts follow its ``_experts_implementation`` ("eager": transformers' eager loop;
+        # anything else: its grouped computation), so that the logits equal the expanded
+        # model's loaded the same way.
+        self.config = config
 
     @property
     def projections(self) -> dict[str, DersProjection]:
@@ -286,6 +292,12 @@ class DersExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.mode == "factored":
             return self._factored(hidden_states, top_k_index, top_k_weights)
+        if getattr(self.config, "_experts_implementation", None) == "eager":
+            return self._eager(hidden_states, top_k_index, top_k_weights)
+        return self._grouped(hidden_states, top_k_index, top_k_weights)
+
+    def _eager(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor) -> torch.Tensor:
         # transformers' eager loop, step for step, so that the logits match bit for bit.
         final = torch.zeros_like(hidden_states)
         with torch.no_grad():
@@ -303,23 +315,68 @@ class DersExperts(nn.Module):
             final.index_add_(0, token_idx, out.to(final.dtype))
         return final
 
+    def _grouped(self, x: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+        """transformers' grouped computation (``grouped_mm_experts_forward``): the (token,
+        expert) pairs sorted by expert, each expert's rows in one product, the routing-weighted
+        rows summed per token by a reshape (in float32), no ``index_add_`` (which costs more
+        than the products in a decoding step on a CPU)."""
+        tokens, k = top_k_index.shape
+        order = top_k_index.reshape(-1)
+        ids, perm = torch.sort(order)
+        rows = x[perm // k]
+        counts = torch.bincount(ids, minlength=self.num_experts).tolist()  # one sync
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            end = start + n
+            if e >= self.num_experts:  # transformers' expert-parallel sentinel: no expert
+                outs.append(x.new_zeros(n, x.shape[-1]))
+            else:
+                gate_up, down = self.expert_weights(e, x)
+                gate, up = F.linear(rows[start:end], gate_up).chunk(2, dim=-1)
+                outs.append(F.linear(self.act_fn(gate) * up, down))
+            start = end
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return weighted[inverse].view(tokens, k, -1).sum(dim=1).to(x.dtype)
+
     def _factored(self, x: torch.Tensor, top_k_index: torch.Tensor,
                   top_k_weights: torch.Tensor) -> torch.Tensor:
-        g_base = F.linear(x, self.gate.base.to(x.dtype))
-        u_base = F.linear(x, self.up.base.to(x.dtype))
-        h_sum = x.new_zeros(x.shape[0], g_base.shape[1])
-        y_delta = torch.zeros_like(x)
-        for e in torch.unique(top_k_index).tolist():
-            if e >= self.num_experts:
+        """x W_base^T once per token and projection, plus each expert's delta products on its
+        rows; the (token, expert) pairs grouped by expert as in ``_grouped`` (no index_add_)."""
+        tokens, k = top_k_index.shape
+        ids, perm = torch.sort(top_k_index.reshape(-1))
+        src = perm // k
+        rows = x[src]
+        weights = top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+        g_base = F.linear(x, self.gate.base.to(x.dtype))[src]
+        u_base = F.linear(x, self.up.base.to(x.dtype))[src]
+        counts = torch.bincount(ids, minlength=self.num_experts).tolist()  # one sync
+        hs, ys, start = [], [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
                 continue
-            token_idx, pos = torch.where(top_k_index == e)
-            xe = x[token_idx]
-            g = g_base[token_idx] + self.gate.apply_delta(xe, e)
-            u = u_base[token_idx] + self.up.apply_delta(xe, e)
-            h = self.act_fn(g) * u
-            w = top_k_weights[token_idx, pos, None]
-            h_sum.index_add_(0, token_idx, (h * w).to(h_sum.dtype))
-            y_delta.index_add_(0, token_idx, (self.down.apply_delta(h, e) * w).to(x.dtype))
+            end = start + n
+            if e >= self.num_experts:  # transformers' expert-parallel sentinel: no expert
+                hs.append(g_base.new_zeros(n, g_base.shape[1]))
+                ys.append(x.new_zeros(n, x.shape[1]))
+            else:
+                xe = rows[start:end]
+                g = g_base[start:end] + self.gate.apply_delta(xe, e)
+                u = u_base[start:end] + self.up.apply_delta(xe, e)
+                h = (self.act_fn(g) * u * weights[start:end]).to(x.dtype)
+                hs.append(h)
+                ys.append(self.down.apply_delta(h, e).to(x.dtype))
+            start = end
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        h_sum = torch.cat(hs)[inverse].view(tokens, k, -1).sum(dim=1).to(x.dtype)
+        y_delta = torch.cat(ys)[inverse].view(tokens, k, -1).sum(dim=1).to(x.dtype)
+        # The down projection is linear: its base product once, on the weighted sum.
         return F.linear(h_sum, self.down.base.to(x.dtype)) + y_delta
 
 
