@@ -21,10 +21,11 @@ time (all threads), the figure to trust on a shared machine:
 
 Figures: load seconds; prefill tokens/s (one forward of ``--batch`` x ``--prefill`` tokens);
 decode tokens/s (greedy ``generate`` of ``--decode`` tokens from a 16-token prompt, KV cache,
-batch 1); its CPU seconds and the ratio to the expanded model's; and how many of the greedy
-tokens equal the expanded model's.
+batch 1); its CPU seconds and the ratio to the expanded model's; how many of the greedy
+tokens equal the expanded model's; the bytes of the tensors a model holds once loaded, and of
+the experts it has synthesized and cached.
 
-    python examples/bench_archive_inference.py                 # ~15 min on 2 cores
+    python examples/bench_archive_inference.py                 # ~30 min on 2 cores
     python examples/bench_archive_inference.py --workdir /tmp/bench  # keep (and reuse) the build
     python examples/bench_archive_inference.py --source ders --mode lowrank --experts 8
 """
@@ -148,10 +149,11 @@ def run(path: Path, kind: str, a: argparse.Namespace, prompt: torch.Tensor) -> l
     """Load one model and measure it: one dict per row (default; cache_gb=0 where the model
     synthesizes)."""
     from ders_cli.hf.experts import DersExperts
-    from ders_cli.runtime import configure
+    from ders_cli.runtime import configure, resident_bytes
 
     with Clock() as loading:
         model = load(path, kind, DTYPES[a.dtype])
+    held = resident_bytes(model)
     modes = {m.mode for m in model.modules() if isinstance(m, DersExperts)}
     rows = []
     variants = ["default"] + (["cache_gb=0"] if "synthesize" in modes else [])
@@ -171,7 +173,7 @@ def run(path: Path, kind: str, a: argparse.Namespace, prompt: torch.Tensor) -> l
                      "load_cpu": loading.cpu, "cold_s": cold.wall, "cold_cpu": cold.cpu,
                      "prefill_s": warm.wall, "prefill_cpu": warm.cpu, "decode_s": decode.wall,
                      "decode_cpu": decode.cpu, "tokens": ids[0, PROMPT:].tolist(),
-                     "cached_bytes": cached_bytes(model)})
+                     "held_bytes": held, "cached_bytes": cached_bytes(model)})
     del model
     gc.collect()
     return rows
@@ -252,7 +254,7 @@ def cpu_name() -> str:
 def summary(label: str, variant: str, rs: list[dict]) -> dict:
     med = {k: statistics.median(r[k] for r in rs)
            for k in ("load_s", "load_cpu", "cold_s", "cold_cpu", "prefill_s", "prefill_cpu",
-                     "decode_s", "decode_cpu", "cached_bytes")}
+                     "decode_s", "decode_cpu", "held_bytes", "cached_bytes")}
     return {"label": label, "variant": variant, "modes": rs[0]["modes"],
             "tokens": rs[0]["tokens"], "runs": len(rs), **med}
 
@@ -268,8 +270,8 @@ def report(a: argparse.Namespace, sizes: dict, rows: list[dict], rounds: int) ->
     print(f"| model | run | load s | prefill tok/s ({a.batch}x{prefill}), first / next | "
           f"prefill CPU vs expanded | decode tok/s | decode CPU s ({a.decode} tokens) | "
           "decode CPU vs expanded | "
-          f"greedy tokens = expanded's | experts cached |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"greedy tokens = expanded's | tensors at load | + experts cached |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         run = "transformers" if r["label"] == "expanded" else (
             f"{r['variant']} ({'/'.join(r['modes'])})")
@@ -278,7 +280,8 @@ def report(a: argparse.Namespace, sizes: dict, rows: list[dict], rounds: int) ->
               f"{prefill / r['prefill_s']:.0f} | "
               f"{r['prefill_cpu'] / base['prefill_cpu']:.2f}x | {a.decode / r['decode_s']:.2f} | "
               f"{r['decode_cpu']:.1f} | {r['decode_cpu'] / base['decode_cpu']:.2f}x | "
-              f"{same}/{len(base['tokens'])} | {r['cached_bytes'] / 2**20:.0f} MiB |")
+              f"{same}/{len(base['tokens'])} | {r['held_bytes'] / 2**20:.0f} MiB | "
+              f"{r['cached_bytes'] / 2**20:.0f} MiB |")
 
 
 if __name__ == "__main__":
