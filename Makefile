@@ -30,8 +30,11 @@ demo: setup
 	$(BIN)/ders verify $(DEMO)/model.ders --against $(DEMO)/model
 	$(BIN)/ders expand $(DEMO)/model.ders -o $(DEMO)/restored
 	$(BIN)/python -m fixtures.compare_logits $(DEMO)/model $(DEMO)/restored
+	$(BIN)/ders compress $(DEMO)/model --drop 0.9 -o $(DEMO)/model-ders/ --quiet
+	$(BIN)/python -m fixtures.compare_logits $(DEMO)/model $(DEMO)/model-ders
 	@echo "== sizes"
-	@du -sh $(DEMO)/model $(DEMO)/model.ders $(DEMO)/q2.ders $(DEMO)/exact.ders $(DEMO)/restored
+	@du -sh $(DEMO)/model $(DEMO)/model.ders $(DEMO)/q2.ders $(DEMO)/exact.ders $(DEMO)/restored \
+		$(DEMO)/model-ders
 
 test: setup lint
 	$(BIN)/python -m pytest -q

@@ -42,6 +42,8 @@ from .lanes import Lane, Workers, computing, release_memory, resolve_workers
 from .outputs import check_new_output, output_path, sweep_leftovers, writing
 from .plan import estimate_header, estimate_table, units
 from .progress import Reporter, Silent
+from .provenance import base_label, settings_record, source_record, writer_record
+from .publish import compress_folder, is_folder_output
 from .records import (
     ExpertGroup,
     FileRecord,
@@ -119,8 +121,9 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
              workers: int | None = None, revision: str | None = None,
              token: str | bool | None = None,
              cache_dir: str | Path | None = None,
-             calibration: CalibrationSpec | Statistics | str | Path | None = None
-             ) -> CompressResult:
+             calibration: CalibrationSpec | Statistics | str | Path | None = None,
+             command: Sequence[str] | None = None,
+             folder: bool | None = None) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
     LosslessSpec, LowRankSpec) or one chosen per group (TargetSpec: --max-error,
     --target-size).
@@ -138,6 +141,11 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     archive larger than this is written as shards and an index named after ``out``
     (docs/FORMAT.md 10); the result's ``archive`` is then the index.
 
+    ``out`` with a trailing slash (a string), or ``folder=True``: a Hub-ready folder (the archive,
+    config.json with its quantization_config, the side files as plain files and a model card;
+    ders_cli.publish), which ``hf upload`` takes as it is and ``from_pretrained`` loads after
+    ``import ders_cli``; its archive is ``model.ders.safetensors`` (sharded: its index).
+
     ``workers``: threads that encode the members of a group in parallel (default: every core
     this process may use); the archive is the same whatever their number.
 
@@ -148,18 +156,26 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     elsewhere): every expert's codes are fitted to its outputs on the inputs it sees while the
     model reads the text, one decoder layer at a time (``ders_cli.calibration``); the format
     is unchanged and the manifest records the text (docs/FORMAT.md).
+
+    ``command``: the command line recorded in the manifest's ``writer`` (the CLI gives its
+    own; a token in it is masked). The manifest also records ders' version, the model's repo
+    id and commit when it came from the Hub, and the settings (ders_cli.provenance).
     """
     _check_settings(spec, given, threshold, device, max_shard_size, workers, calibration)
+    if folder is None:
+        folder = out is not None and is_folder_output(out)
+    elif folder and out is None:
+        raise UsageError("folder=True needs out: the folder to write", param="out")
     hub = HubOptions(revision, token, cache_dir)
     ckpt = open_checkpoint(model, hub)
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
+    write = compress_folder if folder else compress_checkpoint
     with ckpt.open() as files:
-        return compress_checkpoint(ckpt, files, spec, dest, base=base, threshold=threshold,
-                                   use_shared=use_shared, all_groups=all_groups,
-                                   overwrite=overwrite, device=device, reporter=reporter,
-                                   reserve=reserve, given=given, max_shard_size=max_shard_size,
-                                   named=model, workers=workers, hub=hub,
-                                   calibration=calibration)
+        return write(ckpt, files, spec, dest, base=base, threshold=threshold,
+                     use_shared=use_shared, all_groups=all_groups, overwrite=overwrite,
+                     device=device, reporter=reporter, reserve=reserve, given=given,
+                     max_shard_size=max_shard_size, named=model, workers=workers, hub=hub,
+                     calibration=calibration, command=command)
 
 
 def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
@@ -173,13 +189,13 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
                         named: str | Path | None = None,
                         workers: int | None = None,
                         hub: HubOptions | None = None,
-                        calibration: CalibrationSpec | Statistics | str | Path | None = None
-                        ) -> CompressResult:
+                        calibration: CalibrationSpec | Statistics | str | Path | None = None,
+                        command: Sequence[str] | None = None) -> CompressResult:
     """``compress`` of a checkpoint described by ``ckpt`` (its shard headers, side files and
     where every tensor is) whose tensor bytes are read through ``source``: its shard files
     (``ckpt.open()``), or tensors held in memory. Options as ``compress``; ``named``: what
     errors about the checkpoint name (default its root); ``hub``: how to reach a ``base`` that
-    is a Hub repo id."""
+    is a Hub repo id; ``command``: see ``compress``."""
     where, limit = _check_settings(spec, given, threshold, device, max_shard_size, workers,
                                    calibration)
     reporter = reporter or Silent()
@@ -215,8 +231,12 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
             max_shard_size=limit,
             shard_reserve=reserve if reserve is not None else estimate_table(ckpt, found),
         ) as writer, computing(workers) as pool:
+            asked = settings_record(spec, base=base_label(base, matcher and matcher.dense),
+                                    threshold=threshold, use_shared=use_shared,
+                                    all_groups=all_groups)
             job = _Job(ckpt, source, found, policy, {e.group.key: e for e in given}, matcher,
-                       threshold, use_shared, reporter, where, pool, stats)
+                       threshold, use_shared, reporter, where, pool,
+                       (source_record(ckpt, asked), writer_record(command)), stats)
             for line in leftovers + list(ckpt.skipped):
                 job.warn(line)
             size = job.run(writer)
@@ -283,7 +303,7 @@ class _Job:
                  policy: Policy | None, given: Mapping[str, GivenEncoding],
                  matcher: DenseMatcher | None, threshold: float, use_shared: bool,
                  reporter: Reporter, device: torch.device, workers: Workers,
-                 stats: Statistics | None = None) -> None:
+                 provenance: tuple[dict, dict], stats: Statistics | None = None) -> None:
         self.ckpt = ckpt
         self.source = source
         self.found = found
@@ -295,6 +315,7 @@ class _Job:
         self.reporter = reporter
         self.device = device
         self.workers = workers
+        self.provenance = provenance  # the manifest's source and writer records
         self.stats = stats  # calibration: per-member input statistics, layer by layer
         self.summaries: list[GroupSummary] = []
         self.warnings: list[str] = []
@@ -342,8 +363,9 @@ class _Job:
                 self._group(w, writer, hasher, fetched)
                 del fetched
                 release_memory()
+        source, writer = self.provenance
         manifest = Manifest(
-            source={"kind": ckpt.kind, "name": ckpt.name},
+            source=source,
             shards=tuple(shards),
             files=tuple(side),
             tensors={name: self.tensors[name] for name in ckpt.where},
@@ -351,7 +373,8 @@ class _Job:
             passthrough_groups=tuple(self.passthrough),
             stored=w.stored_sha256,
             version=required_version(self.records),
-            extra={"calibration": self.stats.record()} if self.stats is not None else {},
+            extra={"writer": writer, **({"calibration": self.stats.record()}
+                                        if self.stats is not None else {})},
         )
         return w.finish(manifest)
 

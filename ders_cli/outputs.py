@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -254,10 +254,17 @@ class BuildDir:
             fd = nxt
         return fd
 
-    def commit(self) -> None:
+    def adopt(self, rel: str) -> None:
+        """Count ``rel`` as part of the output: a file another builder created in the folder
+        (the archive writer's exclusive temporaries, renamed into place when complete)."""
+        self.files.append(rel)
+
+    def commit(self, replaces: Sequence[str] = ()) -> None:
         """Move the folder into place. Without ``overwrite`` the output must still be absent;
         with it, an existing folder receives the built files one by one (each replaced whole
-        by a rename) and keeps every other file it holds."""
+        by a rename) and keeps every other file it holds, except ``replaces``: files of the
+        output's earlier version under names this one does not use (an archive's shards of
+        another count), removed once the new files are in."""
         with critical():  # an interrupt now waits: the output is complete
             if not os.path.lexists(self.dest):
                 try:
@@ -268,8 +275,12 @@ class BuildDir:
             elif not self.overwrite:
                 raise OutputExistsError("appeared while writing; not overwritten", self.dest)
             else:
-                check_merge(self.dest, self.files)
+                check_merge(self.dest, self.files + list(replaces))
                 self._merge()
+                for rel in replaces:
+                    if rel not in self.files:
+                        with suppress(FileNotFoundError):
+                            os.unlink(self.dest / rel)
             self._done = True
         os.close(self._fd)
 

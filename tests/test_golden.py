@@ -17,7 +17,16 @@ import zstandard
 import ders_cli as ders
 from ders_cli.archive import header_hash
 from ders_cli.constants import HEADER_PREFIX
-from fixtures.make_golden import ARCHIVES, GOLDEN, READER_VECTORS, SHARDED, TINY, spec_of
+from fixtures.make_golden import (
+    ARCHIVES,
+    GOLDEN,
+    GOLDEN_WRITER_VERSION,
+    READER_VECTORS,
+    SHARDED,
+    TINY,
+    golden_writer,
+    spec_of,
+)
 
 EXPECTED = json.loads((GOLDEN / "expected.json").read_text())
 
@@ -40,7 +49,8 @@ def test_writer_reproduces_the_committed_archive(tmp_path, name):
     zstd = EXPECTED[name].get("zstd")
     if zstd and zstd != ".".join(map(str, zstandard.ZSTD_VERSION)):
         pytest.skip(f"{name} was written with zstd {zstd}, this is {zstandard.ZSTD_VERSION}")
-    ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0)
+    with golden_writer():
+        ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0)
     assert sha(tmp_path / name) == EXPECTED[name]["archive_sha256"]
 
 
@@ -62,7 +72,8 @@ def test_writer_reproduces_the_committed_sharded_archive(tmp_path, folder):
     if want["zstd"] != ".".join(map(str, zstandard.ZSTD_VERSION)):
         pytest.skip(f"{folder} was written with zstd {want['zstd']}")
     name, limit = SHARDED[folder]
-    ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0, max_shard_size=limit)
+    with golden_writer():
+        ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0, max_shard_size=limit)
     assert {p.name: sha(p) for p in sorted(tmp_path.iterdir())} == want["files_sha256"]
 
 
@@ -97,3 +108,16 @@ def test_index_hash_of_the_committed_sharded_archive():
     assert raw.startswith(INDEX_PREFIX) and len(INDEX_PREFIX) == 34
     recorded = raw[len(INDEX_PREFIX) : len(INDEX_PREFIX) + 64].decode()
     assert index_hash(raw) == recorded
+
+
+def test_golden_archives_record_their_fixed_writer_and_settings():
+    from ders_cli.archive import ArchiveReader
+
+    with ArchiveReader(GOLDEN / "tiny-drop0.5.ders") as reader:
+        m = reader.manifest
+    assert m.extra["writer"] == {"name": "ders", "version": GOLDEN_WRITER_VERSION,
+                                 "command": None}
+    assert m.source == {"kind": "folder", "name": "tiny", "settings": {
+        "setting": "drop 0.5", "codec": "sparse", "drop": 0.5, "seed": 7, "mask": "random",
+        "rescale": None, "value_bits": None, "value_group": 128, "base": "mean",
+        "threshold": 0.9, "shared": True, "all_groups": False}}

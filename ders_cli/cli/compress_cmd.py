@@ -45,10 +45,13 @@ if TYPE_CHECKING:
     from ..codecs import CodecSpec, SparseSpec
     from ..compress import CompressResult
 
-ArchiveOut = Annotated[Path | None, out_option(
+# A string, not a Path: the trailing slash of -o DIR/ (a Hub-ready folder) must survive.
+ArchiveOut = Annotated[str | None, out_option(
     "The archive to write (default: MODEL's name with .ders, beside MODEL, never inside a "
     "model folder: FOLDER-FILE.ders beside the folder for one .safetensors file of it; for a "
-    "Hub repo id, in the working folder).")]
+    "Hub repo id, in the working folder). DIR/ (with the slash): a Hub-ready folder to "
+    "upload as it is (the archive, config.json, tokenizer, "
+    "model card), which from_pretrained loads after import ders_cli.")]
 # The flags of --drop's sparsification; every other mode ignores them.
 SPARSE_OPTIONS = ("mask", "rescale", "bits", "group_size", "seed")
 
@@ -59,7 +62,8 @@ COMPRESS_EXAMPLES = examples(
     "ders compress ./moe --rank 8                        # low-rank deltas",
     "ders compress ./moe --max-error 0.005               # per group the cheapest within it",
     "ders compress ./moe --drop 0.9 --calibration ./text # kept values fitted to the outputs",
-    "ders compress org/moe --revision v1 --target-size 25% -o moe.ders")
+    "ders compress org/moe --revision v1 --target-size 25% -o moe.ders",
+    "ders compress org/moe --drop 0.9 -o moe-ders/       # a Hub-ready folder: hf upload it")
 QUANTIZE_EXAMPLES = examples(
     "ders quantize ./moe --bits 2",
     "ders quantize ./moe --bits 1 --calibration ./text   # GPTQ on the deltas",
@@ -242,14 +246,15 @@ def compress_spec(drop: float | None, lossless: bool, rank: int | None, target_s
     return TargetSpec(max_error=max_error, target_size=fraction)
 
 
-def _run(model: str, spec: CodecSpec | SparseSpec | TargetSpec, out_path: Path | None,
+def _run(model: str, spec: CodecSpec | SparseSpec | TargetSpec, out_path: str | None,
          json: bool, quiet: bool, **options: object) -> None:
     from ..compress import compress
+    from .main import command_line
 
     start = time.perf_counter()
     with reported():
         result = compress(model, spec, out_path, reporter=RichReporter(quiet or json),
-                          **options)
+                          command=command_line(), **options)
     if json:
         doc = result.to_dict()
         doc["seconds"] = time.perf_counter() - start
@@ -286,5 +291,12 @@ def show(r: CompressResult, seconds: float) -> None:
     if r.groups and all(g.action == "passthrough" for g in r.groups):
         out.print("[bold yellow]nothing was compressed:[/] no expert group looks upcycled, so "
                   "every one is stored as it is (--all-groups compresses them anyway)")
+    if r.archive.is_dir():  # a Hub-ready folder
+        out.print(f"wrote [bold]{shown(r.archive)}/[/] (a Hub-ready folder): archive "
+                  f"{human_bytes(r.archive_bytes)}, {r.ratio:.1%} of "
+                  f"{human_bytes(r.input_bytes)}, in {seconds:.1f} s")
+        out.print(f"upload it as it is: hf upload ORG/{escape(r.archive.name)} "
+                  f"{shown(r.archive)}")
+        return
     out.print(f"wrote [bold]{shown(r.archive)}[/]: {human_bytes(r.archive_bytes)}, "
               f"{r.ratio:.1%} of {human_bytes(r.input_bytes)}, in {seconds:.1f} s")

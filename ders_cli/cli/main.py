@@ -12,12 +12,23 @@ import sys
 
 from ..interrupts import Interrupted, install
 
+# The command line this process runs, as typed (None when the app is called another way, as
+# tests do): archives record it (ders_cli.provenance masks tokens).
+_COMMAND: list[str] | None = None
+
+
+def command_line() -> list[str] | None:
+    """``["ders", ARGS...]`` of the ``ders`` run in progress, None outside ``main()``."""
+    return None if _COMMAND is None else list(_COMMAND)
+
 
 def main() -> None:
     """Run ``ders``: a user never sees a traceback unless DERS_DEBUG is set. Exit codes: 0,
     1 (verify found damage or a difference), 2 (bad input, one line), 3 (a bug: internal
     error), 130 (Ctrl-C) and 143 (SIGTERM), both with nothing written."""
+    global _COMMAND
     install()
+    _COMMAND = ["ders", *sys.argv[1:]]
     try:
         from .app import app
 
