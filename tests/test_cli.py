@@ -113,4 +113,4 @@ def test_options_reach_the_library(model, tmp_path, monkeypatch):
     assert seen["spec"].bits == 3 and seen["spec"].group_size == 64
     assert seen["use_shared"] is False and seen["all_groups"] is True and seen["overwrite"]
     assert seen["threshold"] == 0.5 and seen["base"] == "dense/"
-    assert seen["out"] == tmp_path / "x.ders"
+    assert seen["out"] == str(tmp_path / "x.ders")  # as typed: a trailing slash counts
