@@ -490,6 +490,8 @@ class _Job:
 
         bases: dict[tuple[str, int | None], Future] = {}  # one per way of storing it
         calib = self.stats.for_group(g) if self.stats is not None else None
+        # A whole-tensor member's bytes were hashed as they were read (its tensor's sha256).
+        known = [loaded.shas.get(m.tensor) if m.slice is None else None for m in g.members]
 
         def encode(spec: CodecSpec) -> Trial:
             codec = spec.impl
@@ -499,7 +501,7 @@ class _Job:
                                                  g.dtype, codec.base_level)
             enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,
                                spec.params(g), hasher, self.device, calib,
-                               workers=self.workers)
+                               workers=self.workers, member_sha256=known)
             return Trial(spec, enc, *bases[how].result())
 
         return self.policy.choose(g.key, encode)

@@ -96,7 +96,8 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
                  params: dict, hash_pool: ThreadPoolExecutor | None = None,
                  device: torch.device | None = None,
                  calib: Sequence[Calibration | None] | None = None,
-                 workers: Workers | None = None) -> EncodedGroup:
+                 workers: Workers | None = None,
+                 member_sha256: Sequence[str | None] | None = None) -> EncodedGroup:
     """Encode ``[N, ...]`` members against ``base`` and measure each reconstruction.
 
     Members are independent: with parallel ``workers`` (on the CPU) they are encoded on the
@@ -107,6 +108,8 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
     few members per worker. Reconstructions are synthesized from what the codec says decoding
     will give. ``calib``: per member, what calibrated encoders know of its inputs; the output
     error of each member it describes is measured too. The arrays come back on the CPU.
+    ``member_sha256``: per member, the sha256 of its bytes where the caller took it when
+    reading (a member that is a whole tensor), which an exact codec's reconstruction has.
     """
     n_members = members.shape[0]
     flat = members.reshape(n_members, -1)
@@ -128,15 +131,31 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
                 raise NonFiniteMember(i)
             d_norm = norm(torch.sub(w, base_c, out=delta))
             cos_base = _six(cos_from_norms(w_norm, base_norm, d_norm))
-        with stage("codec"):
-            if issubclass(impl, ExactCodec):
-                row, decoded = impl.encode_exact(flat[i], base_flat, dtype, params, i)
+        if issubclass(impl, ExactCodec):
+            with stage("codec"):
+                row, _ = impl.encode_exact(flat[i], base_flat, dtype, params, i)
+            # An exact codec's reconstruction is the member itself (its kernels are exact
+            # integer maps, and expand and verify check every member against this sha256):
+            # its sha256 is the input's, taken when it was read, and its error is zero. No
+            # synthesis, no second hash, no error pass: a third of --lossless's work.
+            known = member_sha256[i] if member_sha256 is not None else None
+            if known is not None:
+                sha: str | Future[str] = known
             else:
-                # Codecs may overwrite ``delta`` but keep no reference to it in their rows.
-                c = calib[i] if calib is not None else None
-                if c is not None:  # calibrated encoders compensate the rounding of base + δ̂
-                    c = replace(c, base=base_c)
-                row, decoded = impl.encode_member(delta, dtype, params, i, c)
+                view = tensor_bytes(flat[i])
+                sha = hashing.submit(_sha, view, flat[i]) if hashing else _sha(view, flat[i])
+            out_error = None
+            if calib is not None:
+                with stage("measure"):
+                    out_error = _output_error(w, flat[i], calib[i])
+            return _Member(row, sha, 0.0, _six(cos_from_norms(w_norm, w_norm, 0.0)), cos_base,
+                           out_error)
+        with stage("codec"):
+            # Codecs may overwrite ``delta`` but keep no reference to it in their rows.
+            c = calib[i] if calib is not None else None
+            if c is not None:  # calibrated encoders compensate the rounding of base + δ̂
+                c = replace(c, base=base_c)
+            row, decoded = impl.encode_member(delta, dtype, params, i, c)
         with stage("measure"):
             dense = isinstance(decoded, torch.Tensor)
             syn = synthesize_decoded(decoded, base_flat, base_c, recon)
