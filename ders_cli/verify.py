@@ -9,6 +9,7 @@ bytes recorded at compression time. With ``against``: that the model is the arch
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from .codecs import codec_label, compute_dtype
 from .detect import layer_of
 from .device import resolve_device
 from .errors import CorruptArchiveError
-from .grouping import read_members
+from .finite import all_finite
+from .grouping import non_finite, read_members
 from .groups import GroupArrays, Prefetch, group_arrays
 from .hub import HubOptions
 from .lanes import Lane, Workers, computing, release_memory, resolve_workers, thread_buffer
@@ -206,6 +208,7 @@ class _Fetched:
     problem: str
     original: torch.Tensor | None  # the source model's members, with --against
     changed: list[str]  # tensors of the source model whose sha256 is not the recorded one
+    files: ShardFiles | None = None  # where ``original`` was read
 
 
 def _fetch(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
@@ -217,9 +220,11 @@ def _fetch(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
         parts, problem = None, str(exc)
     original, changed = None, []
     if files is not None and all(t in ckpt.where for t in g.tensors):
-        original, shas = read_members(files, ckpt, g.members, g.dtype, g.shape)
+        # NaN and Inf are caught by the members' norms (see _check_group), not by a pass.
+        original, shas = read_members(files, ckpt, g.members, g.dtype, g.shape,
+                                      check_finite=False)
         changed = [n for n, sha in shas.items() if sha != reader.manifest.tensors[n].sha256]
-    return _Fetched(g, parts, problem, original, changed)
+    return _Fetched(g, parts, problem, original, changed, files)
 
 
 def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport,
@@ -252,6 +257,10 @@ def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport,
         wc = f.original[i].reshape(-1).to(cd)
         hc = w_hat.to(cd)
         w_norm, e_norm = norm(wc), norm(hc - wc)
+        # A NaN or an infinity makes the norm non-finite (so can squares that overflow: then
+        # the exact test decides).
+        if not math.isfinite(w_norm) and not all_finite(f.original[i]):
+            raise non_finite(f.files, g.members[i])
         return (same, _same_bytes(w_hat, f.original[i]), e_norm / w_norm if w_norm else 0.0,
                 cos_from_norms(norm(hc), w_norm, e_norm))
 

@@ -129,6 +129,21 @@ def test_nan_or_inf_in_experts(tmp_path, value):
     nothing_written(tmp_path, "model")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_inf_in_the_model_verify_reads(tmp_path, value):
+    """verify --against finds NaN and Inf through the norms it takes anyway (no pass of its
+    own): one line naming the file and the tensor, exit 2."""
+    tensors = upcycled_tensors(layers=1)
+    model = write_model(tmp_path / "model", tensors)
+    archive = tmp_path / "a.ders"
+    assert run("compress", model, "--drop", "0.9", "-o", archive).exit_code == 0
+    name = "model.layers.0.block_sparse_moe.experts.2.w3.weight"
+    tensors[name][3, 4] = value
+    write_model(tmp_path / "model", tensors)
+    assert_refused(run("verify", archive, "--against", model), "model.safetensors", name,
+                   "NaN or Inf")
+
+
 @pytest.mark.parametrize("args,message", [
     (["compress", "--drop", "1.0"], "--drop must be in [0, 1)"),
     (["compress", "--drop", "-0.2"], "--drop must be in [0, 1)"),
