@@ -30,6 +30,7 @@ from ..errors import InputError
 from ..families import ROLES, for_model_type
 from ..groups import TensorSource
 from ..hf.skeleton import config_from_dict, empty_model
+from ..lanes import release_memory
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 EMBEDDINGS = "model.embed_tokens.weight"
@@ -211,6 +212,9 @@ def read_layers(source: CheckpointLayers | LoadedLayers, ids: torch.Tensor, *,
             yield LayerInputs(index, torch.cat(seen.x), torch.cat(seen.top_k), experts, shared)
         del seen
         source.unload(index)
+        # A layer's float32 weights and activations are freed into glibc's heap, which keeps
+        # them as resident memory: ~0.4 GB more peak RSS by the MoE layers of SmolLM2-135M.
+        release_memory()
 
 
 class _Seen:
