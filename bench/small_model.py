@@ -158,6 +158,7 @@ def mean_model() -> Path:
     base: ``mean_base``, in bf16), written once to bench/out/smollm2-mean."""
     from safetensors.torch import load_file, save_file
 
+    from ders_cli.families import for_model_type
     from ders_cli.stats import mean_base
 
     out = OUT / "smollm2-mean"
@@ -167,11 +168,12 @@ def mean_model() -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(MODEL, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
     tensors = load_file(MODEL / "model.safetensors")
-    groups: dict[str, list[str]] = {}
+    family = for_model_type(json.loads((MODEL / "config.json").read_text())["model_type"])
+    groups: dict[tuple[int, str], list[str]] = {}
     for name in tensors:
-        head, sep, tail = name.partition(".experts.")
-        if sep:
-            groups.setdefault(head + "|" + tail.split(".", 1)[1], []).append(name)
+        where = family.parse(name)  # (layer, expert, role); expert None: the shared FFN
+        if where is not None and where[1] is not None:
+            groups.setdefault((where[0], where[2]), []).append(name)
     for names in groups.values():
         mean = mean_base(torch.stack([tensors[n] for n in names]))
         for n in names:
