@@ -7,6 +7,7 @@ first second of a run, while those load, is already one line and exit 130, not a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -34,13 +35,9 @@ def main() -> None:
 
         app()
     except Interrupted as exc:
-        _stop_progress()
-        sys.stderr.write(f"ders: {exc}; nothing was written\n")
-        sys.exit(exc.exit_code)
+        _leave(f"ders: {exc}; nothing was written\n", exc.exit_code)
     except KeyboardInterrupt:  # raised by something other than our handler
-        _stop_progress()
-        sys.stderr.write("ders: interrupted; nothing was written\n")
-        sys.exit(130)
+        _leave("ders: interrupted; nothing was written\n", 130)
     except SystemExit:
         raise
     except Exception as exc:
@@ -50,6 +47,20 @@ def main() -> None:
         sys.stderr.write(f"ders: internal error: {type(exc).__name__}: {exc} "
                          "(set DERS_DEBUG=1 for a traceback)\n")
         sys.exit(3)
+
+
+def _leave(line: str, code: int) -> None:
+    """End an interrupted run: its cleanup is done (every ``with`` and ``finally`` on the way
+    up removed what it had begun), so the process leaves at once, without the interpreter's
+    finalization. Finalizing while a native library still winds a thread down can abort the
+    process instead (seen once in CI: "terminate called without an active exception", exit -6,
+    after the right line), and there is nothing left for it to do."""
+    _stop_progress()
+    sys.stderr.write(line)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: no one to read it
+            stream.flush()
+    os._exit(code)
 
 
 def _stop_progress() -> None:
