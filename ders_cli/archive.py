@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import safejson
+from . import digests, safejson
 from .codecs import DeltaCodec, get_codec
 from .codecs.bases import stored_base_dtype
 from .constants import (
@@ -45,6 +45,7 @@ from .constants import (
     SHARD_SUFFIX,
     SHARDED_VERSION,
 )
+from .digests import Digest
 from .errors import (
     CorruptArchiveError,
     InputError,
@@ -57,7 +58,7 @@ from .hub import HubOptions, resolve_archive
 from .interrupts import critical, deferred
 from .outputs import create_exclusive, temp_path
 from .profile import stage
-from .records import SHA256, Manifest, path_problem
+from .records import HEX_DIGEST, Manifest, path_problem
 from .safetensors_io import (
     DTYPE_NAMES,
     Header,
@@ -208,13 +209,17 @@ class ArchiveWriter:
     writes the one-file archive at ``dest``; otherwise shards and an index named after
     ``dest`` (``index_path``), and ``path`` is the index. ``reserve``: room for the first
     file's header (a one-file archive's holds the manifest); ``shard_reserve``: for the
-    others' (their array tables only)."""
+    others' (their array tables only). ``digest``: the hash of the stored arrays' checksums
+    (BLAKE3, or SHA-256 for readers before format version 4); the manifest's version must take
+    it. Header and index hashes are SHA-256 in every version."""
 
     def __init__(self, dest: Path, reserve: int, overwrite: bool = False, *,
-                 max_shard_size: int | None = None, shard_reserve: int | None = None) -> None:
+                 max_shard_size: int | None = None, shard_reserve: int | None = None,
+                 digest: Digest = digests.DEFAULT) -> None:
         self.dest = Path(dest)
         self.overwrite = overwrite
         self.max_shard_size = max_shard_size
+        self.digest = digest
         self._shard_reserve = reserve if shard_reserve is None else shard_reserve
         # A shard's header before its array table: its metadata, with the index's name.
         self._shard_meta = len(encode_header({"__metadata__": {
@@ -263,7 +268,7 @@ class ArchiveWriter:
 
     def add(self, name: str, dtype: str, shape: tuple[int, ...] | list[int],
             data: Bytes | Iterable[Bytes]) -> str:
-        """Append one stored array; returns the sha256 of its bytes."""
+        """Append one stored array; returns the checksum of its bytes."""
         self._require(WriterState.DATA, f"add {name!r}")
         if name in self._sha:
             raise ValueError(f"array {name!r} is stored twice")
@@ -271,7 +276,7 @@ class ArchiveWriter:
         if not self._together:
             self._room(expected + len(name) + _ENTRY_ALLOWANCE)
         part = self._parts[-1]
-        sha = hashlib.sha256()
+        sha = self.digest.new()
         begin = part.pos
         chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         for chunk in chunks:
@@ -291,7 +296,7 @@ class ArchiveWriter:
         return self.add(name, dtype or DTYPE_NAMES[t.dtype], tuple(t.shape), tensor_bytes(t))
 
     @property
-    def stored_sha256(self) -> dict[str, str]:
+    def stored_digests(self) -> dict[str, str]:
         return dict(self._sha)
 
     @property
@@ -307,6 +312,9 @@ class ArchiveWriter:
         """Write the header(s), move the files into place; returns the archive's size in bytes
         (every file of it)."""
         self._require(WriterState.DATA, "finish")
+        if not self.digest.takes(manifest.version):
+            raise ValueError(f"a version-{manifest.version} manifest does not take "
+                             f"{self.digest.name} checksums")
         # Writing the headers may move data (an interrupt there removes all); moving the
         # files into place is one step an interrupt waits for.
         if len(self._parts) == 1:
@@ -522,6 +530,8 @@ class ArchiveReader:
         return header
 
     def _check_version(self, meta: dict, least: int = 1) -> int:
+        """The format version ``meta`` names, checked: a number, at most the newest this ders
+        reads, at least ``least``; it says which hash the checksums are of (``digest``)."""
         version = meta.get(META_VERSION, "")
         if not (isinstance(version, str) and version.isascii() and version.isdigit()):
             raise self._invalid(f"format version {str(version)[:20]!r} is not a number")
@@ -532,18 +542,16 @@ class ArchiveReader:
         if int(version) < least:
             raise self._invalid(f"format version {version} has no sharded archives (version "
                                 f"{least} and later)")
+        self.digest = digests.for_version(int(version))
         return int(version)
 
     def _read_manifest(self, text: object, version: int) -> None:
         try:
             if not isinstance(text, str):
                 raise ValueError("it is not a string")
-            self.manifest = Manifest.from_json(text)
+            self.manifest = Manifest.from_json(text, version)
         except ValueError as exc:
             raise self._invalid(f"manifest: {exc}") from None
-        if self.manifest.version != version:
-            raise self._invalid(f"manifest version {self.manifest.version} differs from the "
-                                f"header's {version}")
 
     def _open_one(self, header: Header) -> None:
         meta = header.metadata or {}
@@ -618,8 +626,8 @@ class ArchiveReader:
             self._expect_array(s.header, "U8", None)
         for f in m.files:
             self._expect_array(f.array, "U8", (f.size,))
-            if m.stored[f.array] != f.sha256:
-                raise self._invalid(f"side file {f.path!r}: its sha256 is not that of the "
+            if m.stored[f.array] != f.digest:
+                raise self._invalid(f"side file {f.path!r}: its checksum is not that of the "
                                     "bytes stored for it")
         for g in m.groups:
             raw = g.base_encoding == BASE_RAW
@@ -664,7 +672,7 @@ class ArchiveReader:
 
     def _check_against_shards(self) -> None:
         """Every tensor of every shard has one record, stored as it was (same dtype, shape and
-        sha256) or as a member of a group of its dtype whose slots have the member's size."""
+        checksum) or as a member of a group of its dtype whose slots have the member's size."""
         m, headers = self.manifest, self.shard_headers
         count = 0
         for i, h in enumerate(headers):
@@ -684,8 +692,8 @@ class ArchiveReader:
             if (e.dtype, e.shape) != (stored.dtype, stored.shape):
                 raise self._invalid(f"tensor {name!r} is {e.dtype} {list(e.shape)} in its shard "
                                     f"but stored as {stored.dtype} {list(stored.shape)}")
-            if m.stored[name] != t.sha256:
-                raise self._invalid(f"tensor {name!r}: its sha256 is not that of the bytes "
+            if m.stored[name] != t.digest:
+                raise self._invalid(f"tensor {name!r}: its checksum is not that of the bytes "
                                     "stored for it")
         for g in m.groups:
             for member in g.members:
@@ -730,8 +738,8 @@ class ArchiveReader:
         return self._files[self._where[name]]
 
     def chunks(self, name: str, check: bool = True) -> Iterable[bytearray]:
-        """A stored array's bytes in order; with ``check`` the last read verifies its sha256."""
-        sha = hashlib.sha256()
+        """A stored array's bytes in order; with ``check`` the last read verifies its checksum."""
+        sha = self.digest.new()
         for chunk in self._file(name).chunks(self.entry(name)):
             if check:
                 sha.update(chunk)
@@ -743,7 +751,7 @@ class ArchiveReader:
         e = self.entry(name)
         buf = self._file(name).read_bytes(e.begin, e.nbytes)
         if check:
-            self._compare(name, hashlib.sha256(buf).hexdigest())
+            self._compare(name, self.digest.hex(buf))
         return buf
 
     def array(self, name: str, check: bool = True) -> torch.Tensor:
@@ -751,11 +759,12 @@ class ArchiveReader:
         e = self.entry(name)
         t = self._file(name).tensor(e)
         if check:
-            self._compare(name, hashlib.sha256(tensor_bytes(t)).hexdigest())
+            self._compare(name, self.digest.hex(tensor_bytes(t)))
         return t
 
-    def check_sha(self, name: str) -> bool:
-        sha = hashlib.sha256()
+    def check_digest(self, name: str) -> bool:
+        """Whether a stored array's bytes have the checksum the manifest records."""
+        sha = self.digest.new()
         for chunk in self._file(name).chunks(self.entry(name)):
             sha.update(chunk)
         return sha.hexdigest() == self.manifest.stored[name]
@@ -890,7 +899,7 @@ def _shard_records(records: object) -> list[tuple[str, int, str]] | str:
         seen[file.casefold()] = file
         if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
             return f"shard {file!r} has no valid size"
-        if not (isinstance(digest, str) and SHA256.fullmatch(digest)):
+        if not (isinstance(digest, str) and HEX_DIGEST.fullmatch(digest)):
             return f"shard {file!r} has no valid header_sha256"
         out.append((file, size, digest))
     return out

@@ -7,7 +7,6 @@ the next is read.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import digests
 from .archive import ArchiveWriter, index_path, parse_size
 from .calibration.statistics import CalibrationSpec, Statistics, TextCalibration
 from .checkpoint import Checkpoint, is_model_folder, open_checkpoint
@@ -123,7 +123,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
              cache_dir: str | Path | None = None,
              calibration: CalibrationSpec | Statistics | str | Path | None = None,
              command: Sequence[str] | None = None,
-             folder: bool | None = None) -> CompressResult:
+             folder: bool | None = None, digest: str = digests.DEFAULT.name) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
     LosslessSpec, LowRankSpec) or one chosen per group (TargetSpec: --max-error,
     --target-size).
@@ -160,8 +160,12 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     ``command``: the command line recorded in the manifest's ``writer`` (the CLI gives its
     own; a token in it is masked). The manifest also records ders' version, the model's repo
     id and commit when it came from the Hub, and the settings (ders_cli.provenance).
+
+    ``digest``: the hash of the archive's checksums, "blake3" (format version 4, the fastest)
+    or "sha256" (what readers before version 4 read; docs/FORMAT.md 9).
     """
     _check_settings(spec, given, threshold, device, max_shard_size, workers, calibration)
+    digests.by_name(digest)
     if folder is None:
         folder = out is not None and is_folder_output(out)
     elif folder and out is None:
@@ -175,7 +179,7 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
                      use_shared=use_shared, all_groups=all_groups, overwrite=overwrite,
                      device=device, reporter=reporter, reserve=reserve, given=given,
                      max_shard_size=max_shard_size, named=model, workers=workers, hub=hub,
-                     calibration=calibration, command=command)
+                     calibration=calibration, command=command, digest=digest)
 
 
 def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
@@ -190,7 +194,8 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
                         workers: int | None = None,
                         hub: HubOptions | None = None,
                         calibration: CalibrationSpec | Statistics | str | Path | None = None,
-                        command: Sequence[str] | None = None) -> CompressResult:
+                        command: Sequence[str] | None = None,
+                        digest: str = digests.DEFAULT.name) -> CompressResult:
     """``compress`` of a checkpoint described by ``ckpt`` (its shard headers, side files and
     where every tensor is) whose tensor bytes are read through ``source``: its shard files
     (``ckpt.open()``), or tensors held in memory. Options as ``compress``; ``named``: what
@@ -198,6 +203,7 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
     is a Hub repo id; ``command``: see ``compress``."""
     where, limit = _check_settings(spec, given, threshold, device, max_shard_size, workers,
                                    calibration)
+    hashing = digests.by_name(digest)
     reporter = reporter or Silent()
     if given:
         found = Found([e.group for e in given], [])
@@ -230,6 +236,7 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
             dest, reserve if reserve is not None else estimate_header(ckpt, found), overwrite,
             max_shard_size=limit,
             shard_reserve=reserve if reserve is not None else estimate_table(ckpt, found),
+            digest=hashing,
         ) as writer, computing(workers) as pool:
             asked = settings_record(spec, base=base_label(base, matcher and matcher.dense),
                                     threshold=threshold, use_shared=use_shared,
@@ -333,6 +340,7 @@ class _Job:
         self.reporter.warn(message)
 
     def run(self, w: ArchiveWriter) -> int:
+        self.digest = w.digest
         ckpt = self.ckpt
         self.reporter.start(self.label, ckpt.tensor_bytes + ckpt.side_bytes,
                             len(self.found.groups))
@@ -351,7 +359,7 @@ class _Job:
         def fetch(g: ExpertGroup) -> Fetched:
             # NaN and Inf are caught by the encoder's norms (see encode_group), not by a pass.
             return fetch_group(self.source, ckpt, g, self.found.shared.get(g.key, ()),
-                               check_finite=False)
+                               check_finite=False, digest=self.digest)
 
         with Prefetch(groups, fetch) as ahead, Lane("write") as writer, ThreadPoolExecutor(
                 1, thread_name_prefix="ders-hash") as hasher:
@@ -371,8 +379,8 @@ class _Job:
             tensors={name: self.tensors[name] for name in ckpt.where},
             groups=tuple(self.records),
             passthrough_groups=tuple(self.passthrough),
-            stored=w.stored_sha256,
-            version=required_version(self.records),
+            stored=w.stored_digests,
+            version=required_version(self.records, w.digest),
             extra={"writer": writer, **({"calibration": self.stats.record()}
                                         if self.stats is not None else {})},
         )
@@ -380,7 +388,7 @@ class _Job:
 
     def _side_file(self, w: ArchiveWriter, index: int, rel: str) -> FileRecord:
         path = self.ckpt.root / rel
-        sha = hashlib.sha256()
+        sha = self.digest.new()
         fd = open_regular(path)  # checked when the folder was read; a swap since is refused
         size = os.fstat(fd).st_size
 
@@ -463,7 +471,7 @@ class _Job:
         self.records.append(GroupRecord(
             key=g.key, members=g.members, dtype=g.dtype, shape=g.shape, base=base_rec,
             codec={"name": setting.codec, "params": enc.params, "arrays": arrays},
-            recon_sha256=tuple(enc.recon_sha256), rel_error=tuple(enc.rel_error),
+            recon_digest=tuple(enc.recon_digest), rel_error=tuple(enc.rel_error),
             cos=tuple(enc.cos)))
         for i, m in enumerate(g.members):
             self.tensors[m.tensor] = TensorRecord(self.ckpt.where[m.tensor][0], shas[m.tensor],
@@ -484,13 +492,13 @@ class _Job:
         given = self.given.get(g.key)
         if given is not None:
             codec = get_codec(given.codec)
-            return Trial(given, measure_group(loaded.weights, given),
+            return Trial(given, measure_group(loaded.weights, given, self.digest),
                          *stored_base(given.base, codec.base_encoding, g.dtype,
                                       codec.base_level))
 
         bases: dict[tuple[str, int | None], Future] = {}  # one per way of storing it
         calib = self.stats.for_group(g) if self.stats is not None else None
-        # A whole-tensor member's bytes were hashed as they were read (its tensor's sha256).
+        # A whole-tensor member's bytes were hashed as they were read (its tensor's checksum).
         known = [loaded.shas.get(m.tensor) if m.slice is None else None for m in g.members]
 
         def encode(spec: CodecSpec) -> Trial:
@@ -501,7 +509,7 @@ class _Job:
                                                  g.dtype, codec.base_level)
             enc = encode_group(loaded.weights, loaded.base, g.dtype, spec.codec,
                                spec.params(g), hasher, self.device, calib,
-                               workers=self.workers, member_sha256=known)
+                               workers=self.workers, member_digests=known, digest=self.digest)
             return Trial(spec, enc, *bases[how].result())
 
         return self.policy.choose(g.key, encode)

@@ -8,7 +8,10 @@ from __future__ import annotations
 # --- the .ders archive -------------------------------------------------------------------------
 
 FORMAT_NAME = "ders"
-FORMAT_VERSION = 3  # the newest version this ders reads; it writes the oldest that suffices
+FORMAT_VERSION = 4  # the newest version this ders reads; it writes the oldest that suffices
+# The checksums of stored arrays, tensors and synthesized members are BLAKE3 from this version
+# on, SHA-256 before (ders_cli.digests). Header and index hashes are SHA-256 in every version.
+BLAKE3_VERSION = 4
 
 # The safetensors header of an archive begins with exactly these bytes, then 64 lowercase hex
 # digits of the header hash, then a closing quote. A fixed position lets any reader find the

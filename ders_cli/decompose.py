@@ -8,7 +8,6 @@ reproduce. ``measure_group`` measures base and arrays computed elsewhere the sam
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +15,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import digests
 from .codecs import Calibration, ExactCodec, codec_label, compute_dtype, get_codec
+from .digests import Digest
 from .finite import all_finite
 from .groups import Synthesized, synthesize, synthesize_decoded
 from .lanes import Workers, thread_buffer
@@ -31,7 +32,7 @@ class EncodedGroup:
     base: torch.Tensor  # in the group's dtype and shape
     arrays: dict[str, torch.Tensor]  # by codec suffix
     params: dict
-    recon_sha256: list[str]
+    recon_digest: list[str]  # the checksum of each reconstruction
     rel_error: list[float]  # ||W - W_hat|| / ||W||
     cos: list[float]  # cosine of W_hat to W
     cos_to_base: list[float]  # cosine of W to the base
@@ -97,19 +98,21 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
                  device: torch.device | None = None,
                  calib: Sequence[Calibration | None] | None = None,
                  workers: Workers | None = None,
-                 member_sha256: Sequence[str | None] | None = None) -> EncodedGroup:
+                 member_digests: Sequence[str | None] | None = None,
+                 digest: Digest = digests.DEFAULT) -> EncodedGroup:
     """Encode ``[N, ...]`` members against ``base`` and measure each reconstruction.
 
     Members are independent: with parallel ``workers`` (on the CPU) they are encoded on the
     workers' threads, each through its own buffers and hashing its own reconstruction; else one
-    at a time on this thread, the sha256 of each reconstruction taken on ``hash_pool`` (if
+    at a time on this thread, the checksum of each reconstruction taken on ``hash_pool`` (if
     given) while the next member is encoded. Either way each member goes through the same
     arithmetic: the archive does not depend on the workers. Memory is the group itself plus a
     few members per worker. Reconstructions are synthesized from what the codec says decoding
     will give. ``calib``: per member, what calibrated encoders know of its inputs; the output
     error of each member it describes is measured too. The arrays come back on the CPU.
-    ``member_sha256``: per member, the sha256 of its bytes where the caller took it when
+    ``member_digests``: per member, the checksum of its bytes where the caller took it when
     reading (a member that is a whole tensor), which an exact codec's reconstruction has.
+    ``digest``: the hash of the checksums (the archive's).
     """
     n_members = members.shape[0]
     flat = members.reshape(n_members, -1)
@@ -135,16 +138,17 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
             with stage("codec"):
                 row, _ = impl.encode_exact(flat[i], base_flat, dtype, params, i)
             # An exact codec's reconstruction is the member itself (its kernels are exact
-            # integer maps, and expand and verify check every member against this sha256):
-            # its sha256 is the input's, taken when it was read, and its error is zero. No
+            # integer maps, and expand and verify check every member against this checksum):
+            # its checksum is the input's, taken when it was read, and its error is zero. No
             # synthesis, no second hash, no error pass (a fifth of --lossless's CPU on the real
             # slice).
-            known = member_sha256[i] if member_sha256 is not None else None
+            known = member_digests[i] if member_digests is not None else None
             if known is not None:
                 sha: str | Future[str] = known
             else:
                 view = tensor_bytes(flat[i])
-                sha = hashing.submit(_sha, view, flat[i]) if hashing else _sha(view, flat[i])
+                sha = (hashing.submit(_hex, digest, view, flat[i]) if hashing
+                       else _hex(digest, view, flat[i]))
             out_error = None
             if calib is not None:
                 with stage("measure"):
@@ -161,7 +165,8 @@ def encode_group(members: torch.Tensor, base: torch.Tensor, dtype: str, codec: s
             dense = isinstance(decoded, torch.Tensor)
             syn = synthesize_decoded(decoded, base_flat, base_c, recon)
         view = tensor_bytes(recon)
-        sha = hashing.submit(_sha, view, recon) if hashing else _sha(view, recon)
+        sha = (hashing.submit(_hex, digest, view, recon) if hashing
+               else _hex(digest, view, recon))
         with stage("measure"):
             if syn.kept is not None:
                 r_norm, e_norm = _sparse_norms(syn, decoded.positions, base_norm, w, d_norm)
@@ -225,10 +230,10 @@ def _sparse_norms(syn: Synthesized, positions: torch.Tensor, base_norm: float, w
     return max(r2, 0.0) ** 0.5, max(e2, 0.0) ** 0.5
 
 
-def _sha(view: memoryview, keep_alive: torch.Tensor) -> str:
+def _hex(digest: Digest, view: memoryview, keep_alive: torch.Tensor) -> str:
     del keep_alive  # held by the caller until the hash is done
     with stage("hash"):
-        return hashlib.sha256(view).hexdigest()
+        return digest.hex(view)
 
 
 def _six(x: float) -> float:
@@ -236,7 +241,8 @@ def _six(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def measure_group(members: torch.Tensor, given: GivenEncoding) -> EncodedGroup:
+def measure_group(members: torch.Tensor, given: GivenEncoding,
+                  digest: Digest = digests.DEFAULT) -> EncodedGroup:
     """Synthesize every member from a given base and arrays, and measure it against
     ``members`` (the checkpoint's tensors) as ``encode_group`` measures its own encodings."""
     g, n_members = given.group, members.shape[0]
@@ -259,7 +265,7 @@ def measure_group(members: torch.Tensor, given: GivenEncoding) -> EncodedGroup:
         else:
             rows = impl.member_rows(given.arrays, given.params, i)
             w_hat = synthesize(given.base, given.codec, given.params, rows, i, g.dtype, base_c)
-        shas.append(hashlib.sha256(tensor_bytes(w_hat)).hexdigest())
+        shas.append(digest.hex(tensor_bytes(w_hat)))
         w, hc = flat[i].to(cd), w_hat.to(cd)
         w_norm, e_norm = norm(w), norm(hc - w)
         cos_base.append(_six(cos_from_norms(w_norm, base_norm, norm(w - base_c))))

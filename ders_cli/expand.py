@@ -1,13 +1,12 @@
 """``expand``: an archive back into the checkpoint folder it came from.
 
 Every shard is rebuilt with its original header, byte for byte, and every tensor written at its
-original offset: passthrough tensors and side files are checked against the sha256 of the
-original, synthesized experts against the sha256 recorded when the archive was written.
+original offset: passthrough tensors and side files are checked against the checksum of the
+original, synthesized experts against the checksum recorded when the archive was written.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from concurrent.futures import Future
@@ -93,7 +92,7 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
         result = ExpandResult(shown)
         with writing(dest), BuildDir(dest, overwrite) as build:
             for f in m.files:
-                _write_side_file(reader, build, f.path, f.array, f.sha256)
+                _write_side_file(reader, build, f.path, f.array, f.digest)
                 result.files.append(f.path)
                 reporter.advance(f.size)
             fds = []
@@ -116,7 +115,7 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
 
 def _write_side_file(reader: ArchiveReader, build: BuildDir, rel: str, array: str,
                      sha: str) -> None:
-    digest = hashlib.sha256()
+    digest = reader.digest.new()
     fd = build.create(rel)
     try:
         pos = 0
@@ -147,7 +146,7 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def _copy_passthrough(reader: ArchiveReader, name: str, sha: str, fd: int, offset: int,
                       reporter: Reporter) -> None:
-    digest = hashlib.sha256()
+    digest = reader.digest.new()
     pos = offset
     for chunk in reader.chunks(name, check=False):
         digest.update(chunk)
@@ -162,7 +161,7 @@ def _write_member(reader: ArchiveReader, label: str, w: torch.Tensor, sha: str, 
                   offset: int, reporter: Reporter) -> None:
     data = tensor_bytes(w)
     with stage("hash"):
-        digest = hashlib.sha256(data).hexdigest()
+        digest = reader.digest.hex(data)
     if digest != sha:
         raise CorruptArchiveError(
             f"synthesized {label!r} differs from the archive's record "
@@ -216,7 +215,7 @@ def _write_tensors(reader: ArchiveReader, m: Manifest, headers: list[Header], fd
             t = m.tensors.get(name)
             if t is not None and t.group is None:
                 target = headers[t.shard].tensors[name]
-                writer.submit(_copy_passthrough, reader, name, t.sha256, fds[t.shard],
+                writer.submit(_copy_passthrough, reader, name, t.digest, fds[t.shard],
                               target.begin, reporter)
             elif name in group_of_base:
                 parts = next(ahead)
@@ -243,7 +242,7 @@ def _write_group(reader: ArchiveReader, m: Manifest, headers: list[Header], fds:
     if workers.parallel and parts.base.device.type == "cpu":
         def synthesize_and_write(i: int) -> None:
             buf = thread_buffer("member", parts.base.numel(), parts.base.dtype)
-            _write_member(reader, g.members[i].label, parts.member(i, buf), g.recon_sha256[i],
+            _write_member(reader, g.members[i].label, parts.member(i, buf), g.recon_digest[i],
                           *place(i), reporter)
 
         for _ in workers.map(synthesize_and_write, range(len(g.members))):
@@ -252,5 +251,5 @@ def _write_group(reader: ArchiveReader, m: Manifest, headers: list[Header], fds:
     ring = _Ring(parts)
     for i, member in enumerate(g.members):
         w = parts.member(i, ring.take())
-        ring.guard(writer.submit(_write_member, reader, member.label, w, g.recon_sha256[i],
+        ring.guard(writer.submit(_write_member, reader, member.label, w, g.recon_digest[i],
                                  *place(i), reporter))

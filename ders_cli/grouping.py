@@ -3,7 +3,6 @@ that join it (extended DeRS), its base, and how close every member is to that ba
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +11,7 @@ from .checkpoint import Checkpoint
 from .codecs import compute_dtype
 from .dense_base import DenseMatcher
 from .detect import with_members
+from .digests import Digest
 from .dtypes import TORCH_DTYPES
 from .errors import InputError
 from .finite import all_finite
@@ -33,7 +33,7 @@ class SharedCandidate:
 class LoadedGroup:
     group: ExpertGroup  # with the shared FFNs that joined, after the experts
     weights: torch.Tensor  # [members, *shape] in the group's dtype
-    shas: dict[str, str]  # sha256 of every tensor the members live in
+    shas: dict[str, str]  # checksum of every tensor the members live in (empty: not taken)
     base: torch.Tensor  # in the group's dtype and shape
     base_record: dict  # {"kind": "mean"} or {"kind": "dense", "source": description}
     shared: list[SharedCandidate] = field(default_factory=list)
@@ -63,11 +63,12 @@ class LoadedGroup:
 
 
 def read_members(files: TensorSource, ckpt: Checkpoint, members: tuple[Member, ...],
-                 dtype: str, shape: tuple[int, ...], check_finite: bool = True
-                 ) -> tuple[torch.Tensor, dict[str, str]]:
-    """Members as one ``[N, *shape]`` tensor, and the sha256 of each tensor they live in (a
-    fused tensor's slices, hashed in order, are the whole tensor). ``check_finite``: refuse a
-    NaN or Inf here (callers that compute norms anyway check those instead)."""
+                 dtype: str, shape: tuple[int, ...], check_finite: bool = True,
+                 digest: Digest | None = None) -> tuple[torch.Tensor, dict[str, str]]:
+    """Members as one ``[N, *shape]`` tensor, and the checksum (of ``digest``; none without
+    one) of each tensor they live in (a fused tensor's slices, hashed in order, are the whole
+    tensor). ``check_finite``: refuse a NaN or Inf here (callers that compute norms anyway
+    check those instead)."""
     out = torch.empty((len(members), *shape), dtype=TORCH_DTYPES[dtype])
     flat = out.view(len(members), -1).view(torch.uint8)
     views = []
@@ -78,9 +79,9 @@ def read_members(files: TensorSource, ckpt: Checkpoint, members: tuple[Member, .
             files.read_into(m.tensor, offset, views[i])
     shas = {}
     with stage("hash"):  # the bytes just read, in memory: never a second read
-        for name in dict.fromkeys(m.tensor for m in members):
+        for name in dict.fromkeys(m.tensor for m in members) if digest else ():
             parts = sorted((m.slice or 0, i) for i, m in enumerate(members) if m.tensor == name)
-            sha = hashlib.sha256()
+            sha = digest.new()
             for _, i in parts:
                 sha.update(views[i])
             shas[name] = sha.hexdigest()
@@ -106,10 +107,13 @@ class Fetched:
 
 
 def fetch_group(files: TensorSource, ckpt: Checkpoint, g: ExpertGroup,
-                candidates: tuple[Member, ...] = (), check_finite: bool = True) -> Fetched:
-    """Read a group's members and its shared-FFN candidates (I/O and hashing only)."""
-    weights, shas = read_members(files, ckpt, g.members, g.dtype, g.shape, check_finite)
-    extra = [(c, *read_members(files, ckpt, (c,), g.dtype, g.shape)) for c in candidates]
+                candidates: tuple[Member, ...] = (), check_finite: bool = True,
+                digest: Digest | None = None) -> Fetched:
+    """Read a group's members and its shared-FFN candidates (I/O, and checksums of ``digest``
+    when given)."""
+    weights, shas = read_members(files, ckpt, g.members, g.dtype, g.shape, check_finite, digest)
+    extra = [(c, *read_members(files, ckpt, (c,), g.dtype, g.shape, digest=digest))
+             for c in candidates]
     return Fetched(g, weights, shas, extra)
 
 
@@ -143,6 +147,7 @@ def prepare_group(f: Fetched, *, threshold: float, matcher: DenseMatcher | None 
 def load_group(files: TensorSource, ckpt: Checkpoint, g: ExpertGroup,
                candidates: tuple[Member, ...] = (), *, threshold: float,
                matcher: DenseMatcher | None = None, use_shared: bool = True) -> LoadedGroup:
-    """Read a group and decide what it is (``fetch_group`` then ``prepare_group``)."""
+    """Read a group and decide what it is (``fetch_group`` then ``prepare_group``), without
+    checksums."""
     return prepare_group(fetch_group(files, ckpt, g, candidates), threshold=threshold,
                          matcher=matcher, use_shared=use_shared)

@@ -2,7 +2,7 @@
 behind them.
 
 Every hot loop releases the GIL: torch's kernels, numpy's, the numba kernels (``nogil``), zstd,
-sha256 and the disk. So threads, not processes, share a group's work: the members of a group
+the checksums and the disk. So threads, not processes, share a group's work: the members of a group
 are independent (each is encoded, synthesized, hashed and measured on its own), and ``Workers``
 runs them on ``--workers`` threads (default: every core this process may use), each with torch
 kept to one thread of its own, so that the cores are not asked for more threads than they have.

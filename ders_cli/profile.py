@@ -6,7 +6,7 @@ own CPU and wall time: ``bench/warm.py`` puts them in its stage table. Stages ma
 thread (the reader, writer, hashing and zstd threads too); a stage's CPU is what its threads
 spent in it, so stages on different threads can add up to more than the wall time.
 
-Stages: ``read`` (bytes from files into memory), ``hash`` (sha256 of bytes in memory), ``base``
+Stages: ``read`` (bytes from files into memory), ``hash`` (checksums of bytes in memory), ``base``
 (the group's base: its mean, its encoding or decoding), ``codec`` (a codec's encoding or
 decoding of members, on the main thread), ``zstd`` (entropy coding on the zstd threads),
 ``measure`` (the encoder's norms and reconstructions), ``synth`` (synthesizing members from

@@ -22,7 +22,6 @@ ambiguous. The folder is built whole under ``.DIR.partial-PID`` and moved into p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -125,7 +124,7 @@ def check_folder_output(ckpt: Checkpoint, dest: Path, named: str | Path) -> None
 def fill_folder(build: BuildDir, result: CompressResult, ckpt: Checkpoint,
                 folder_name: str) -> None:
     """Write everything but the archive into the folder being built: the side files as plain
-    files (copied from the archive just written and checked against its sha256, so they are
+    files (copied from the archive just written and checked against its checksum, so they are
     the bytes it holds), config.json with its quantization_config, and the model card."""
     from .hf.quantizer import folder_config
 
@@ -134,7 +133,7 @@ def fill_folder(build: BuildDir, result: CompressResult, ckpt: Checkpoint,
         m = reader.manifest
         for f in m.files:
             if plain_side_files([f.path]):
-                _copy(reader, build, f.path, f.array, f.sha256)
+                _copy(reader, build, f.path, f.array, f.digest)
         errors = [e for g in m.groups for e in g.rel_error]
         cosines = [c for g in m.groups for c in g.cos]
         writer = m.extra.get("writer") if isinstance(m.extra.get("writer"), dict) else {}
@@ -155,7 +154,7 @@ def _plain_bytes(build: BuildDir) -> int:
 
 
 def _copy(reader: ArchiveReader, build: BuildDir, rel: str, array: str, sha: str) -> None:
-    digest = hashlib.sha256()
+    digest = reader.digest.new()
     fd = build.create(rel)
     try:
         for chunk in reader.chunks(array, check=False):

@@ -21,9 +21,10 @@ from .constants import (
     FORMAT_NAME,
     FORMAT_VERSION,
 )
+from .digests import Digest, for_version
 
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SHA = SHA256
+# A checksum as archives write it, whichever the hash: 64 lowercase hex digits.
+HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,14 @@ class ShardRecord:
 class FileRecord:
     path: str  # relative, '/'-separated
     size: int
-    sha256: str
+    digest: str  # the checksum of its bytes (the archive's hash: Manifest.digest)
     array: str  # stored array holding the file's bytes
 
 
 @dataclass(frozen=True)
 class TensorRecord:
     shard: int
-    sha256: str  # of the original tensor's bytes
+    digest: str  # the checksum of the original tensor's bytes
     group: int | None = None  # None: stored as it is, under its own name
     member: int | None = None  # None with a group: the tensor is all of its slices in that group
 
@@ -124,7 +125,7 @@ class GroupRecord:
     base: dict[str, Any]  # {"kind": one of BASE_KINDS, "array": name, ["source": dense tensor],
     #                        ["encoding": how the array stores it, when not "raw"]}
     codec: dict[str, Any]  # {"name": ..., "params": {...}, "arrays": {suffix: name}}
-    recon_sha256: tuple[str, ...]  # of each synthesized member, so synthesis is checked too
+    recon_digest: tuple[str, ...]  # of each synthesized member, so synthesis is checked too
     rel_error: tuple[float, ...]  # ||W - W_hat|| / ||W|| measured when the archive was written
     cos: tuple[float, ...]
 
@@ -153,20 +154,29 @@ class Manifest:
     tensors: dict[str, TensorRecord]  # every original tensor
     groups: tuple[GroupRecord, ...]
     passthrough_groups: tuple[dict[str, str], ...]  # groups found but stored as they are
-    stored: dict[str, str]  # sha256 of every stored array, by name
+    stored: dict[str, str]  # the checksum of every stored array, by name
     version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def digest(self) -> Digest:
+        """The hash of every checksum of this manifest (its version's)."""
+        return for_version(self.version)
+
     def to_json(self) -> str:
+        name = self.digest.name
         doc = {
             "format": FORMAT_NAME,
             "version": self.version,
             "source": self.source,
             "shards": [vars(s) for s in self.shards],
-            "files": [vars(f) for f in self.files],
+            "files": [{"path": f.path, "size": f.size, name: f.digest, "array": f.array}
+                      for f in self.files],
             "tensors": {
-                name: {k: v for k, v in vars(t).items() if v is not None}
-                for name, t in self.tensors.items()
+                tensor: {k: v for k, v in (("shard", t.shard), (name, t.digest),
+                                           ("group", t.group), ("member", t.member))
+                         if v is not None}
+                for tensor, t in self.tensors.items()
             },
             "groups": [
                 {
@@ -176,7 +186,7 @@ class Manifest:
                     "shape": list(g.shape),
                     "base": g.base,
                     "codec": g.codec,
-                    "recon_sha256": list(g.recon_sha256),
+                    self.digest.recon_field: list(g.recon_digest),
                     "rel_error": list(g.rel_error),
                     "cos": list(g.cos),
                 }
@@ -189,17 +199,23 @@ class Manifest:
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
 
     @staticmethod
-    def from_json(text: str) -> Manifest:
-        """Parse and check a manifest; raises ValueError naming the first problem."""
+    def from_json(text: str, header_version: int | None = None) -> Manifest:
+        """Parse and check a manifest; raises ValueError naming the first problem.
+        ``header_version``: the version its container names, which the manifest's must be
+        (checked first: the version says which fields hold the checksums)."""
         doc = safejson.loads(text)
         _expect(isinstance(doc, dict), "manifest is not a JSON object")
         _expect(doc.get("format") == FORMAT_NAME, "manifest format is not 'ders'")
         version = doc.get("version")
         _expect(_is_int(version) and version >= 1, f"manifest version {version!r} is invalid")
+        _expect(header_version is None or version == header_version,
+                f"manifest version {version} differs from the header's {header_version}")
+        digest = for_version(version)
         stored = doc.get("stored")
         _expect(isinstance(stored, dict), "manifest has no 'stored' map")
         for name, sha in stored.items():
-            _expect(isinstance(sha, str) and bool(_SHA.match(sha)), f"bad sha256 for {name!r}")
+            _expect(isinstance(sha, str) and bool(HEX_DIGEST.match(sha)),
+                    f"bad {digest.name} for {name!r}")
 
         # Every stored array has exactly one role: a reader that met one twice (two groups on
         # one base, a side file that is also a tensor) would write one and skip the other.
@@ -221,12 +237,12 @@ class Manifest:
         )
         _expect(len(shards) >= 1, "manifest lists no shard")
         files = tuple(
-            FileRecord(_str(f, "path"), _nonneg(f, "size"), _sha(f, "sha256"),
+            FileRecord(_str(f, "path"), _nonneg(f, "size"), _digest(f, digest.name),
                        ref(f.get("array"), "file"))
             for f in _list(doc, "files")
         )
         check_paths([s.file for s in shards], [f.path for f in files])
-        groups = tuple(_group(g, ref) for g in _list(doc, "groups"))
+        groups = tuple(_group(g, ref, digest) for g in _list(doc, "groups"))
         tensors_doc = doc.get("tensors")
         _expect(isinstance(tensors_doc, dict), "manifest has no 'tensors' map")
         tensors: dict[str, TensorRecord] = {}
@@ -261,7 +277,7 @@ class Manifest:
                     _expect(_is_int(member) and 0 <= member < len(g.members)
                             and g.members[member] == Member(name),
                             f"tensor {name!r}: bad member index")
-            tensors[name] = TensorRecord(shard, _sha(t, "sha256"), group, member)
+            tensors[name] = TensorRecord(shard, _digest(t, digest.name), group, member)
         for gi, g in enumerate(groups):
             for mi, m in enumerate(g.members):
                 t = tensors.get(m.tensor)
@@ -291,13 +307,14 @@ class Manifest:
         )
 
 
-def required_version(groups: tuple[GroupRecord, ...]) -> int:
-    """The oldest format version that holds these groups: 1 unless a base is encoded, so that
-    older readers read every archive that needs nothing newer."""
-    return max([1] + [BASE_ENCODING_VERSION[g.base_encoding] for g in groups])
+def required_version(groups: tuple[GroupRecord, ...], digest: Digest) -> int:
+    """The oldest format version that holds these groups with checksums of ``digest``: with
+    SHA-256, 1 unless a base is encoded, so that older readers read every archive that needs
+    nothing newer; with BLAKE3, the version that brought it."""
+    return max([1, digest.since] + [BASE_ENCODING_VERSION[g.base_encoding] for g in groups])
 
 
-def _group(g: Any, ref: Any) -> GroupRecord:
+def _group(g: Any, ref: Any, digest: Digest) -> GroupRecord:
     _expect(isinstance(g, dict), "group record is not an object")
     key = _str(g, "key")
     _expect(text_problem(key) is None, f"group key {_cut(key)!r} {text_problem(key)}")
@@ -325,10 +342,10 @@ def _group(g: Any, ref: Any) -> GroupRecord:
     for suffix, name in codec["arrays"].items():
         ref(name, f"group {key!r} codec array {suffix!r}")
     n = len(members)
-    recon = g.get("recon_sha256")
+    recon = g.get(digest.recon_field)
     _expect(isinstance(recon, list) and len(recon) == n
-            and all(isinstance(s, str) and _SHA.match(s) for s in recon),
-            f"group {key!r}: bad recon_sha256")
+            and all(isinstance(s, str) and HEX_DIGEST.match(s) for s in recon),
+            f"group {key!r}: bad {digest.recon_field}")
     stats = {}
     for k in ("rel_error", "cos"):
         v = g.get(k)
@@ -435,7 +452,7 @@ def _nonneg(d: Any, key: str) -> int:
     return v  # type: ignore[return-value]
 
 
-def _sha(d: Any, key: str) -> str:
+def _digest(d: Any, key: str) -> str:
     v = d.get(key) if isinstance(d, dict) else None
-    _expect(isinstance(v, str) and bool(_SHA.match(v)), f"record lacks a sha256 {key!r}")
+    _expect(isinstance(v, str) and bool(HEX_DIGEST.match(v)), f"record lacks a checksum {key!r}")
     return v  # type: ignore[return-value]

@@ -1,14 +1,13 @@
 """``verify``: prove an archive intact and, against the original model, measure its error.
 
-Integrity: the header hash, the manifest's structure, the sha256 of every stored array, that
+Integrity: the header hash, the manifest's structure, the checksum of every stored array, that
 every passthrough tensor is the original's bytes, and that every expert synthesizes to the
 bytes recorded at compression time. With ``against``: that the model is the archive's source
-(sha256 of every tensor), and the relative error and cosine of every reconstructed expert.
+(the checksum of every tensor), and the relative error and cosine of every reconstructed expert.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -182,20 +181,21 @@ def _check_array(reader: ArchiveReader, name: str, ckpt: Checkpoint | None,
     """A stored array that is no group's: its checksum, and a passthrough tensor's bytes
     against the original's (runs on the check lane)."""
     m = reader.manifest
-    if not reader.check_sha(name):
+    if not reader.check_digest(name):
         report.fail(f"checksum mismatch in stored array {name!r}")
     t = m.tensors.get(name)
-    # A passthrough tensor's stored sha256 is its record's (checked when the archive opened).
+    # A passthrough tensor's stored checksum is its record's (checked when the archive opened).
     if t is not None and t.group is None and files is not None and name in ckpt.where:
-        if _sha_of(files, name) != t.sha256:
+        if _digest_of(reader, files, name) != t.digest:
             report.fail(f"tensor {name!r} differs from the archive's source")
         else:
             report.passthrough_exact += 1
     reporter.advance(reader.entry(name).nbytes)
 
 
-def _sha_of(files: ShardFiles, name: str) -> str:
-    sha = hashlib.sha256()
+def _digest_of(reader: ArchiveReader, files: ShardFiles, name: str) -> str:
+    """The checksum of a tensor of the original model, by the archive's hash."""
+    sha = reader.digest.new()
     for chunk in files.chunks(name):
         sha.update(chunk)
     return sha.hexdigest()
@@ -207,7 +207,7 @@ class _Fetched:
     parts: GroupArrays | None  # None when its arrays fail their checksums
     problem: str
     original: torch.Tensor | None  # the source model's members, with --against
-    changed: list[str]  # tensors of the source model whose sha256 is not the recorded one
+    changed: list[str]  # tensors of the source model whose checksum is not the recorded one
     files: ShardFiles | None = None  # where ``original`` was read
 
 
@@ -222,8 +222,8 @@ def _fetch(reader: ArchiveReader, g: GroupRecord, ckpt: Checkpoint | None,
     if files is not None and all(t in ckpt.where for t in g.tensors):
         # NaN and Inf are caught by the members' norms (see _check_group), not by a pass.
         original, shas = read_members(files, ckpt, g.members, g.dtype, g.shape,
-                                      check_finite=False)
-        changed = [n for n, sha in shas.items() if sha != reader.manifest.tensors[n].sha256]
+                                      check_finite=False, digest=reader.digest)
+        changed = [n for n, sha in shas.items() if sha != reader.manifest.tensors[n].digest]
     return _Fetched(g, parts, problem, original, changed, files)
 
 
@@ -251,7 +251,7 @@ def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport,
         buf = thread_buffer("member", parts.base.numel(), parts.base.dtype) if on_cpu else None
         w_hat = parts.member(i, buf).cpu()
         with stage("hash"):
-            same = hashlib.sha256(tensor_bytes(w_hat)).hexdigest() == g.recon_sha256[i]
+            same = reader.digest.hex(tensor_bytes(w_hat)) == g.recon_digest[i]
         if f.original is None:
             return same, False, rel[i], cos[i]
         wc = f.original[i].reshape(-1).to(cd)

@@ -1,11 +1,11 @@
 """Crafting archives as an attacker would: the header hash has no key, so anyone can edit a
 manifest, the array table or the stored bytes and re-sign the result. ``Crafted`` takes an
 archive apart (manifest, array table, array bytes), lets a test edit any of it, and writes a
-new archive whose header hash and stored sha256s are all consistent again."""
+new archive whose header hash and stored checksums are all consistent again (the checksums of
+the hash the manifest's version takes: SHA-256 or BLAKE3)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import subprocess
@@ -13,8 +13,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ders_cli import digests
 from ders_cli.archive import header_hash
 from ders_cli.constants import HASH_HEX_LEN, HEADER_PREFIX
+from ders_cli.digests import Digest
 
 
 @dataclass
@@ -23,6 +25,16 @@ class Crafted:
     table: dict[str, dict]  # array name -> {"dtype", "shape"}, in data order
     data: dict[str, bytes]  # array name -> its bytes
     metadata: dict[str, str]
+
+    @property
+    def digest(self) -> Digest:
+        """The hash of the checksums the manifest holds (its version's)."""
+        return digests.for_version(self.manifest["version"])
+
+    @property
+    def field(self) -> str:
+        """The name of a record's checksum field ("sha256" or "blake3")."""
+        return self.digest.name
 
     @staticmethod
     def load(path: Path) -> Crafted:
@@ -57,12 +69,12 @@ class Crafted:
         self.manifest["shards"][i]["size"] = 8 + len(body) + data_len
 
     def save(self, path: Path, rehash: bool = True, text_edit=None) -> Path:
-        """Write the archive; with ``rehash`` every stored sha256 is recomputed (an attacker's
-        archive), without it the manifest's sha256s stay as edited. ``text_edit``: a function
-        applied to the manifest's JSON text (for what a dict cannot hold: a repeated key)."""
+        """Write the archive; with ``rehash`` every stored checksum is recomputed (an
+        attacker's archive), without it the manifest's checksums stay as edited.
+        ``text_edit``: a function applied to the manifest's JSON text (for what a dict cannot
+        hold: a repeated key)."""
         if rehash:
-            self.manifest["stored"] = {n: hashlib.sha256(d).hexdigest()
-                                       for n, d in self.data.items()}
+            self.manifest["stored"] = {n: self.digest.hex(d) for n, d in self.data.items()}
         meta = dict(self.metadata)
         meta["ders.header_sha256"] = "0" * HASH_HEX_LEN
         text = json.dumps(self.manifest, separators=(",", ":"))
@@ -190,7 +202,8 @@ class CraftedSharded:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if rehash:
-            self.manifest["stored"] = {n: hashlib.sha256(d).hexdigest()
+            digest = digests.for_version(self.manifest["version"])
+            self.manifest["stored"] = {n: digest.hex(d)
                                        for s in self.shards.values() for n, d in s.data.items()}
         records = records and isinstance(self.metadata["ders.shards"], list)
         by_file = {r["file"]: r for r in self.metadata["ders.shards"]} if records else {}

@@ -34,7 +34,7 @@ def test_writer_round_trip_and_state_machine(tmp_path):
         w.add("h", "U8", (1,), b"x")
     with pytest.raises(ValueError, match="needs 8"):
         w.add("short", "F32", (2,), b"1234")
-    w.finish(minimal_manifest(w.stored_sha256))
+    w.finish(minimal_manifest(w.stored_digests))
     assert w.state is WriterState.DONE and dest.exists() and not temp_path(dest).exists()
     with pytest.raises(RuntimeError, match="writer is done"):
         w.add("late", "U8", (1,), b"x")
@@ -49,7 +49,7 @@ def test_header_that_outgrows_its_room_moves_the_data(tmp_path, reserve):
     payload = bytes(range(256)) * 300
     with ArchiveWriter(dest, reserve=reserve) as w:
         w.add("h", "U8", (len(payload),), payload)
-        manifest = minimal_manifest(w.stored_sha256)
+        manifest = minimal_manifest(w.stored_digests)
         w.finish(manifest)
     from safetensors import safe_open
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -15,6 +13,7 @@ from ders_cli.codecs.mask import mask_positions
 from ders_cli.codecs.quant import dequantize, num_groups, quantize
 from ders_cli.codecs.sparse import decode_values, keep_count
 from ders_cli.decompose import encode_group
+from ders_cli.digests import DEFAULT as DIGEST
 from ders_cli.groups import synthesize
 from ders_cli.records import ExpertGroup, Member
 from ders_cli.safetensors_io import TORCH_DTYPES, tensor_bytes
@@ -116,7 +115,7 @@ def test_group_round_trip(n_members, shape, dtype, seed, spec):
         rows = codec.member_rows(enc.arrays, enc.params, i)
         w_hat = synthesize(base, spec.codec, params, rows, i, dtype)
         assert w_hat.dtype == members.dtype and w_hat.numel() == group.numel
-        assert hashlib.sha256(tensor_bytes(w_hat)).hexdigest() == enc.recon_sha256[i]
+        assert DIGEST.hex(tensor_bytes(w_hat)) == enc.recon_digest[i]
         w = members[i].reshape(-1).to(cd)
         delta = (w - base.reshape(-1).to(cd)).norm() / w.norm()
         rel = float((w_hat.to(cd) - w).norm() / w.norm())
@@ -231,7 +230,7 @@ def test_sparse_variants_round_trip(n_members, shape, dtype, seed, spec):
     for i in range(n_members):
         rows = SparseCodec.member_rows(enc.arrays, params, i)
         w_hat = synthesize(base, "sparse", params, rows, i, dtype)
-        assert hashlib.sha256(tensor_bytes(w_hat)).hexdigest() == enc.recon_sha256[i]
+        assert DIGEST.hex(tensor_bytes(w_hat)) == enc.recon_digest[i]
         w = members[i].reshape(-1).to(cd)
         delta = w - base.reshape(-1).to(cd)
         if spec.mask == "magnitude" and spec.rescale in (None, "none") and spec.value_bits is None:

@@ -24,6 +24,7 @@ from fixtures.make_golden import (
     READER_VECTORS,
     SHARDED,
     TINY,
+    digest_of,
     golden_writer,
     spec_of,
 )
@@ -50,7 +51,7 @@ def test_writer_reproduces_the_committed_archive(tmp_path, name):
     if zstd and zstd != ".".join(map(str, zstandard.ZSTD_VERSION)):
         pytest.skip(f"{name} was written with zstd {zstd}, this is {zstandard.ZSTD_VERSION}")
     with golden_writer():
-        ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0)
+        ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0, digest=digest_of(name))
     assert sha(tmp_path / name) == EXPECTED[name]["archive_sha256"]
 
 
@@ -73,17 +74,22 @@ def test_writer_reproduces_the_committed_sharded_archive(tmp_path, folder):
         pytest.skip(f"{folder} was written with zstd {want['zstd']}")
     name, limit = SHARDED[folder]
     with golden_writer():
-        ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0, max_shard_size=limit)
+        ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0, max_shard_size=limit,
+                      digest=digest_of(name))
     assert {p.name: sha(p) for p in sorted(tmp_path.iterdir())} == want["files_sha256"]
 
 
-def test_header_hash_of_a_committed_archive():
-    raw = (GOLDEN / "tiny-q3.ders").read_bytes()
+@pytest.mark.parametrize("name", ["tiny-q3.ders", "tiny-q3-blake3.ders"])
+def test_header_hash_of_a_committed_archive(name):
+    """SHA-256 in every version (version 4's BLAKE3 is the checksums' hash, not the header's)."""
+    raw = (GOLDEN / name).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = raw[8 : 8 + n]
     assert header.startswith(HEADER_PREFIX) and n % 8 == 0
     recorded = header[len(HEADER_PREFIX) : len(HEADER_PREFIX) + 64].decode()
-    assert header_hash(raw[:8], header) == recorded
+    zeroed = header[: len(HEADER_PREFIX)] + b"0" * 64 + header[len(HEADER_PREFIX) + 64 :]
+    assert header_hash(raw[:8], header) == recorded == hashlib.sha256(raw[:8] + zeroed
+                                                                      ).hexdigest()
 
 
 def test_passthrough_tensors_of_the_tiny_model_survive_bit_exact(tmp_path):
@@ -100,11 +106,12 @@ def test_the_lossless_archive_expands_to_the_tiny_checkpoint_itself():
     assert expanded == {p.name: sha(p) for p in sorted(TINY.iterdir())}
 
 
-def test_index_hash_of_the_committed_sharded_archive():
+@pytest.mark.parametrize("folder", sorted(SHARDED))
+def test_index_hash_of_the_committed_sharded_archive(folder):
     from ders_cli.archive import index_hash
     from ders_cli.constants import INDEX_PREFIX
 
-    raw = (GOLDEN / "sharded" / "tiny-q3.ders.safetensors.index.json").read_bytes()
+    raw = (GOLDEN / folder / f"{SHARDED[folder][0]}.safetensors.index.json").read_bytes()
     assert raw.startswith(INDEX_PREFIX) and len(INDEX_PREFIX) == 34
     recorded = raw[len(INDEX_PREFIX) : len(INDEX_PREFIX) + 64].decode()
     assert index_hash(raw) == recorded

@@ -224,7 +224,7 @@ def test_golden_archives_either_way(tmp_path, mode, kernels):
     """The committed golden archives come out of the kernels and out of their twins alike."""
     import json
 
-    from fixtures.make_golden import ARCHIVES, GOLDEN, TINY, golden_writer, spec_of
+    from fixtures.make_golden import ARCHIVES, GOLDEN, TINY, digest_of, golden_writer, spec_of
 
     expected = json.loads((GOLDEN / "expected.json").read_text())
     kernels(mode)
@@ -237,7 +237,8 @@ def test_golden_archives_either_way(tmp_path, mode, kernels):
         if zstd and zstd != ".".join(map(str, zstandard.ZSTD_VERSION)):
             continue  # written with another zstd (tests/test_golden.py skips it too)
         with golden_writer():  # the writer version goldens record
-            ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0)
+            ders.compress(TINY, spec_of(name), tmp_path / name, reserve=0,
+                          digest=digest_of(name))
         digest = hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
         assert digest == expected[name]["archive_sha256"], name
 

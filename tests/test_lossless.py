@@ -4,7 +4,6 @@ shapes, seeds and edge values; the word arithmetic and zstd frames under them; w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 
@@ -36,6 +35,7 @@ from ders_cli.codecs.lossless import (
 from ders_cli.codecs.planes import WORD_TYPES, pack, plane_bytes, unpack, words_of
 from ders_cli.constants import BASE_PLANES_ZSTD, DTYPE_BITS, FLOAT_FIELDS, HEADER_PREFIX
 from ders_cli.decompose import encode_group
+from ders_cli.digests import DEFAULT as DIGEST
 from ders_cli.errors import CorruptArchiveError
 from ders_cli.groups import synthesize
 from ders_cli.safetensors_io import TORCH_DTYPES, tensor_bytes
@@ -48,7 +48,8 @@ shapes = st.tuples(st.integers(1, 24), st.integers(1, 40))
 
 
 def sha(data) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """The checksum this writer records (BLAKE3)."""
+    return DIGEST.hex(data)
 
 
 def edge_words(dtype: str) -> np.ndarray:
@@ -104,21 +105,21 @@ def test_group_round_trip_is_bit_exact(n_members, shape, dtype, seed, edges, bas
         w_hat = synthesize(decoded_base, "lossless", enc.params, rows, i, dtype)
         assert w_hat.dtype == members.dtype
         assert bits(w_hat) == bits(members[i])
-        assert enc.recon_sha256[i] == sha(bits(members[i]))
+        assert enc.recon_digest[i] == sha(bits(members[i]))
         assert enc.rel_error[i] == 0.0
 
 
-def test_exact_members_reuse_the_sha256_taken_when_read(tmp_path):
-    """An exact codec's reconstruction is its input: the encoder records the sha256 the reader
+def test_exact_members_reuse_the_checksum_taken_when_read(tmp_path):
+    """An exact codec's reconstruction is its input: the encoder records the checksum the reader
     took (no synthesis, no second hash), and the figures are those of a full measurement."""
     members = with_edges(upcycled(4, (24, 40), "BF16", 3), "BF16", 3)
     base = mean_base(members)
     params = ders.LosslessSpec().params(group_of(members, "BF16"))
     full = encode_group(members, base, "BF16", "lossless", params)
     given = encode_group(members, base, "BF16", "lossless", params,
-                         member_sha256=[sha(bits(m)) for m in members])
+                         member_digests=[sha(bits(m)) for m in members])
     for enc in (full, given):
-        assert enc.recon_sha256 == [sha(bits(m)) for m in members]
+        assert enc.recon_digest == [sha(bits(m)) for m in members]
         assert enc.rel_error == [0.0] * 4 and enc.cos == [1.0] * 4
     assert given.cos_to_base == full.cos_to_base
     assert all(torch.equal(given.arrays[k], full.arrays[k]) for k in full.arrays)
@@ -127,7 +128,7 @@ def test_exact_members_reuse_the_sha256_taken_when_read(tmp_path):
     with ArchiveReader(tmp_path / "a.ders") as r:
         m = r.manifest
         for g in m.groups:
-            assert list(g.recon_sha256) == [m.tensors[x.tensor].sha256 for x in g.members]
+            assert list(g.recon_digest) == [m.tensors[x.tensor].digest for x in g.members]
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
@@ -260,12 +261,14 @@ def test_expand_restores_every_file_byte_for_byte(model, tmp_path):
 
 
 def test_encoded_bases_make_a_version_2_archive_and_only_they_do(model, tmp_path):
+    """With SHA-256 checksums (with BLAKE3 every archive is version 4)."""
     from fixtures.synthetic import upcycled_tensors, write_model
 
-    ders.compress(model, ders.LosslessSpec(), tmp_path / "a.ders")
-    ders.compress(model, ders.QuantSpec(2), tmp_path / "q.ders")
+    ders.compress(model, ders.LosslessSpec(), tmp_path / "a.ders", digest="sha256")
+    ders.compress(model, ders.QuantSpec(2), tmp_path / "q.ders", digest="sha256")
     scratch = write_model(tmp_path / "s", upcycled_tensors(upcycled=False, layers=1))
-    ders.compress(scratch, ders.QuantSpec(2), tmp_path / "s.ders")  # no group: no base
+    ders.compress(scratch, ders.QuantSpec(2), tmp_path / "s.ders",  # no group: no base
+                  digest="sha256")
     assert metadata(tmp_path / "a.ders")["ders.version"] == "2"
     assert metadata(tmp_path / "q.ders")["ders.version"] == "2"
     assert metadata(tmp_path / "s.ders")["ders.version"] == "1"
@@ -277,7 +280,7 @@ def test_encoded_bases_make_a_version_2_archive_and_only_they_do(model, tmp_path
 
 
 def rewrite_array(archive, name: str, edit) -> None:
-    """Change a stored array's bytes and record its new sha256, as a forger would: only the
+    """Change a stored array's bytes and record its new checksum, as a forger would: only the
     codec's own checks are left to notice."""
     raw = bytearray(archive.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])

@@ -3,7 +3,6 @@ trips through encode, decode and a whole archive."""
 
 from __future__ import annotations
 
-import hashlib
 import struct
 
 import pytest
@@ -14,6 +13,7 @@ from hypothesis import strategies as st
 from ders_cli.codecs import LowRankCodec, compute_dtype, get_codec
 from ders_cli.codecs.lowrank import outer_sum
 from ders_cli.decompose import GivenEncoding, encode_group, measure_group
+from ders_cli.digests import DEFAULT as DIGEST
 from ders_cli.groups import synthesize
 from ders_cli.records import ExpertGroup, Member
 from ders_cli.safetensors_io import TORCH_DTYPES, tensor_bytes
@@ -103,7 +103,7 @@ def test_trained_factors_synthesize_and_measure_exactly():
     enc = measure_group(members, GivenEncoding(group, base, "lowrank", params,
                                                {"a": a, "b": b}))
     assert enc.rel_error == [0.0, 0.0, 0.0]
-    assert enc.recon_sha256 == [hashlib.sha256(tensor_bytes(m)).hexdigest() for m in members]
+    assert enc.recon_digest == [DIGEST.hex(tensor_bytes(m)) for m in members]
     with pytest.raises(ValueError, match="differ"):
         measure_group(members, GivenEncoding(group, base, "lowrank", params,
                                              {"a": a, "b": b[:, :1]}))

@@ -6,7 +6,6 @@ written anywhere."""
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import time
 from pathlib import Path
@@ -57,7 +56,7 @@ def add_side_file(c: Crafted, path: str, content: bytes = b"x") -> None:
     name = f"ders/file/{len(c.manifest['files'])}"
     c.put(name, content)
     c.manifest["files"].append({"path": path, "size": len(content),
-                                "sha256": hashlib.sha256(content).hexdigest(), "array": name})
+                                c.field: c.digest.hex(content), "array": name})
 
 
 def side_path(path: str):
@@ -110,11 +109,11 @@ def passthrough_dtype(c: Crafted) -> None:
 
 
 def passthrough_sha(c: Crafted) -> None:
-    c.manifest["tensors"]["model.norm.weight"]["sha256"] = "0" * 64
+    c.manifest["tensors"]["model.norm.weight"][c.field] = "0" * 64
 
 
 def side_sha(c: Crafted) -> None:
-    c.manifest["files"][0]["sha256"] = "1" * 64
+    c.manifest["files"][0][c.field] = "1" * 64
 
 
 def tensor_without_record(c: Crafted) -> None:
@@ -125,14 +124,14 @@ def tensor_without_record(c: Crafted) -> None:
 
 def record_without_tensor(c: Crafted) -> None:
     c.put("ghost", b"\0\0\0\0", "F32", [1])
-    c.manifest["tensors"]["ghost"] = {"shard": 0, "sha256": "0" * 64}
+    c.manifest["tensors"]["ghost"] = {"shard": 0, c.field: "0" * 64}
 
 
 def shared_array(c: Crafted) -> None:
     add_side_file(c, "other.txt")
     c.manifest["files"][-1]["array"] = c.manifest["files"][0]["array"]
     c.manifest["files"][-1]["size"] = c.manifest["files"][0]["size"]
-    c.manifest["files"][-1]["sha256"] = c.manifest["files"][0]["sha256"]
+    c.manifest["files"][-1][c.field] = c.manifest["files"][0][c.field]
 
 
 def unused_array(c: Crafted) -> None:
@@ -174,8 +173,8 @@ RULES = [
     ("fused slices of 10^9", fused_of_huge, "slices are not all members"),
     ("fused tensor's first dimension", fused_first_dim, "is a slice of 4 of a tensor"),
     ("passthrough dtype", passthrough_dtype, "stored as F16"),
-    ("passthrough sha256", passthrough_sha, "its sha256 is not that of the bytes stored"),
-    ("side file sha256", side_sha, "its sha256 is not that of the bytes stored"),
+    ("passthrough checksum", passthrough_sha, "its checksum is not that of the bytes stored"),
+    ("side file checksum", side_sha, "its checksum is not that of the bytes stored"),
     ("tensor without a record", tensor_without_record, "has no record"),
     ("record without a tensor", record_without_tensor, "is in no stored shard header"),
     ("array with two roles", shared_array, "share the array"),

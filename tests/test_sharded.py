@@ -112,7 +112,7 @@ def test_sharded_round_trip_equals_the_one_file_archive(sharded, one_file, model
     assert ders.verify(sharded.archive, against=model).ok
     with ArchiveReader(one_file.archive) as r1, ArchiveReader(sharded.archive) as r2:
         m1, m2 = r1.manifest, r2.manifest
-        assert (m1.version, m2.version) == (2, 3)
+        assert (m1.version, m2.version) == (4, 4)  # BLAKE3 checksums: both version 4
         assert m1.stored == m2.stored and m1.tensors == m2.tensors and m1.groups == m2.groups
         assert r2.size == sharded.archive_bytes and r2.sharded and not r1.sharded
         assert [e.name for e in r1.data_order()] == [e.name for e in r2.data_order()]
@@ -239,8 +239,8 @@ def test_index_too_large(sharded, tmp_path, monkeypatch):
      "appears twice"),
     (lambda t: t.replace('"weight_map":', '"weight_mop":'), "lacks its metadata or weight_map"),
     (lambda t: t.replace('"ders.format":"ders"', '"ders.format":"pt"'), "does not name the ders"),
-    (lambda t: t.replace('"ders.version":"3"', '"ders.version":"2"'), "has no sharded archives"),
-    (lambda t: t.replace('"ders.version":"3"', '"ders.version":"x"'), "is not a number"),
+    (lambda t: t.replace('"ders.version":"4"', '"ders.version":"2"'), "has no sharded archives"),
+    (lambda t: t.replace('"ders.version":"4"', '"ders.version":"x"'), "is not a number"),
 ])
 def test_index_json_rules(sharded, tmp_path, edit, match):
     refused(crafted(sharded, tmp_path, lambda c: None, text_edit=edit), InvalidArchiveError,
@@ -249,7 +249,7 @@ def test_index_json_rules(sharded, tmp_path, edit, match):
 
 def test_newer_index_version(sharded, tmp_path):
     path = crafted(sharded, tmp_path, lambda c: None,
-                   text_edit=lambda t: t.replace('"ders.version":"3"', '"ders.version":"9"'))
+                   text_edit=lambda t: t.replace('"ders.version":"4"', '"ders.version":"9"'))
     refused(path, NewerFormatError, "version 9")
 
 

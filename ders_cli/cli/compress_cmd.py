@@ -15,12 +15,14 @@ from ..constants import DEFAULT_GROUP_SIZE
 from ..errors import UsageError
 from .console import RichReporter, human_bytes, natural_key, out, print_json, reported, shown
 from .options import (
+    DEFAULT_DIGEST,
     DEFAULT_METHOD,
     DEFAULT_THRESHOLD,
     AllGroupsOpt,
     BaseOpt,
     CacheDirOpt,
     DeviceOpt,
+    DigestOpt,
     ForceOpt,
     GroupSizeOpt,
     JsonOpt,
@@ -137,6 +139,7 @@ def compress_cmd(
     device: DeviceOpt = "auto",
     max_shard_size: MaxShardSizeOpt = "5GB",
     workers: WorkersOpt = None,
+    digest: DigestOpt = DEFAULT_DIGEST,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -177,7 +180,7 @@ def compress_cmd(
     _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
          use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force,
          max_shard_size=max_shard_size, workers=workers, revision=revision, token=token,
-         cache_dir=cache_dir,
+         cache_dir=cache_dir, digest=digest.value,
          calibration=_calibration(calibration, calibration_tokens, calibration_seq_len))
 
 
@@ -199,6 +202,7 @@ def quantize_cmd(
     device: DeviceOpt = "auto",
     max_shard_size: MaxShardSizeOpt = "5GB",
     workers: WorkersOpt = None,
+    digest: DigestOpt = DEFAULT_DIGEST,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     cache_dir: CacheDirOpt = None,
@@ -218,7 +222,7 @@ def quantize_cmd(
     _run(model, QuantSpec(bits, group_size, method.value), out_path, json, quiet, base=base,
          threshold=threshold, use_shared=not no_shared, all_groups=all_groups, device=device,
          overwrite=force, max_shard_size=max_shard_size, workers=workers, revision=revision,
-         token=token, cache_dir=cache_dir,
+         token=token, cache_dir=cache_dir, digest=digest.value,
          calibration=_calibration(calibration, calibration_tokens, calibration_seq_len))
 
 

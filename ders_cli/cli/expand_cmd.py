@@ -48,7 +48,7 @@ def expand_cmd(
     """Write the checkpoint back from a .ders archive.
 
     The same shard files, tensor names, dtypes, index and side files; every expert is checked
-    against the sha256 recorded when it was encoded."""
+    against the checksum recorded when it was encoded."""
     from ..expand import expand
 
     start = time.perf_counter()

@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from .. import digests
 from ..constants import (
     DEFAULT_QUANT_METHOD,
     DEFAULT_UPCYCLED_COS,
@@ -36,6 +37,8 @@ Rescale = _choices("Rescale", SPARSE_RESCALES)
 Method = _choices("Method", sorted(QUANT_METHODS))
 UpcycleMode = _choices("UpcycleMode", ("lowrank", "sparse"))  # an archive holds DeRS experts
 DEFAULT_METHOD = Method(DEFAULT_QUANT_METHOD)
+DigestName = _choices("DigestName", [d.name for d in digests.DIGESTS])
+DEFAULT_DIGEST = DigestName(digests.DEFAULT.name)
 
 
 ModelArg = Annotated[str, typer.Argument(
@@ -91,6 +94,10 @@ WorkersOpt = Annotated[int | None, typer.Option(
     "--workers", metavar="N", show_default=False,
     help="Threads that compute (default: every core ders may use); the output is the same "
          "whatever their number.")]
+DigestOpt = Annotated[DigestName, typer.Option(
+    "--digest", help="The hash of the archive's checksums: blake3 (format version 4, hashing "
+                     "about 8x faster) or sha256 (format versions 1-3, for readers that predate "
+                     "version 4).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or warnings.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 

@@ -236,7 +236,7 @@ class SortedResidual(ExactDelta):
         if self.member is not None:
             # The encoder's reconstruction is the member itself: the kernels are exact integer
             # maps, checked against the specification's definitions by the tests, and expand
-            # and verify check every synthesized member against its recorded sha256.
+            # and verify check every synthesized member against its recorded checksum.
             return self.member.reshape(-1).to(base.device)
         b = words_of(base)
         return tensor_of(restore_sorted(self.planes, b, self.dtype), base.dtype).to(base.device)

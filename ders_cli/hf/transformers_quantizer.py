@@ -9,7 +9,7 @@ How a ders folder loads (transformers 5's ``from_pretrained``):
    weights from the file and reports none missing;
 3. transformers loads every other tensor from the archive (stored under its own name), in the
    dtype and on the devices asked for; the archive's own arrays (``ders/...``) are ignored;
-4. ``_process_model_after_weight_loading`` checks the sha256 of every tensor transformers read,
+4. ``_process_model_after_weight_loading`` checks the checksum of every tensor transformers read,
    builds the expert modules from the archive on each layer's device, and makes
    ``save_pretrained`` write a ders folder.
 """
@@ -111,7 +111,7 @@ class DersHfQuantizer(HfQuantizer):
         assert reader is not None and am is not None
         try:
             for name, rec in reader.manifest.tensors.items():
-                if rec.group is None and not reader.check_sha(name):
+                if rec.group is None and not reader.check_digest(name):
                     raise CorruptArchiveError(f"checksum mismatch in stored array {name!r}",
                                               reader.path)
             for layer in self._layers:
