@@ -197,16 +197,12 @@ def _compute_dtype(dtype: str | None, where: torch.device, ckpt: Checkpoint,
 
 def _load_original(ckpt: Checkpoint, dtype: torch.dtype, where: torch.device
                    ) -> torch.nn.Module:
-    import warnings
-
     from transformers import AutoModelForCausalLM
 
-    from .hf.skeleton import quiet_transformers
+    from .hf.skeleton import no_empty_module_warning, quiet_transformers
 
-    # No progress bar in the middle of eval's own report, and no warning about initializing a
-    # zero-sized shared expert (Qwen2-MoE configs without one size it 0) that is then loaded.
-    with quiet_transformers(errors_only=False), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+    # No progress bar in the middle of eval's own report.
+    with quiet_transformers(errors_only=False), no_empty_module_warning():
         model = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=dtype)
     model.eval()
     return model.to(where)

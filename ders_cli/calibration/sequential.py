@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,7 +28,7 @@ from ..dtypes import TORCH_DTYPES
 from ..errors import InputError
 from ..families import ROLES, for_model_type
 from ..groups import TensorSource
-from ..hf.skeleton import config_from_dict, empty_model
+from ..hf.skeleton import config_from_dict, empty_model, no_empty_module_warning
 from ..lanes import release_memory
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -95,10 +94,7 @@ class CheckpointLayers:
         self.ckpt, self.source, self.dtype, self.layout = ckpt, source, dtype, layout
         config = config_from_dict(ckpt.config)
         config.use_cache = False
-        with warnings.catch_warnings():
-            # A config without a shared expert may still size one at 0 (Qwen2-MoE's
-            # shared_expert_intermediate_size = 0): torch warns about initializing it, on meta.
-            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        with no_empty_module_warning():
             self.model = empty_model(config, dtype)
         self.by_layer: dict[int, list[str]] = {}
         for name in ckpt.where:

@@ -9,6 +9,7 @@ is ever allocated.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -52,6 +53,16 @@ def quiet_transformers(*, errors_only: bool = True) -> Iterator[None]:
         logging.set_verbosity(level)
         if bars:
             logging.enable_progress_bar()
+
+
+@contextmanager
+def no_empty_module_warning() -> Iterator[None]:
+    """Inside, no warning about initializing a zero-element tensor: a config without a shared
+    expert may still size one at 0 (Qwen2-MoE's ``shared_expert_intermediate_size = 0``), and
+    torch warns as the model is built, though nothing is wrong with it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        yield
 
 
 def config_from_dict(doc: Mapping[str, Any]):
