@@ -12,7 +12,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .archive import ArchiveReader
@@ -254,15 +253,21 @@ def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport,
             same = reader.digest.hex(tensor_bytes(w_hat)) == g.recon_digest[i]
         if f.original is None:
             return same, False, rel[i], cos[i]
-        wc = f.original[i].reshape(-1).to(cd)
-        hc = w_hat.to(cd)
-        w_norm, e_norm = norm(wc), norm(hc - wc)
-        # A NaN or an infinity makes the norm non-finite (so can squares that overflow: then
-        # the exact test decides).
-        if not math.isfinite(w_norm) and not all_finite(f.original[i]):
-            raise non_finite(f.files, g.members[i])
-        return (same, _same_bytes(w_hat, f.original[i]), e_norm / w_norm if w_norm else 0.0,
-                cos_from_norms(norm(hc), w_norm, e_norm))
+        with stage("measure"):
+            # In this thread's buffers, kept from member to member: a fresh member-sized
+            # tensor per step cost more in page faults than the arithmetic on it.
+            n = w_hat.numel()
+            wc = thread_buffer("verify-w", n, cd).copy_(f.original[i].reshape(-1))
+            hc = thread_buffer("verify-h", n, cd).copy_(w_hat.reshape(-1))
+            w_norm, h_norm = norm(wc), norm(hc)
+            e_norm = norm(hc.sub_(wc))
+            # A NaN or an infinity makes the norm non-finite (so can squares that overflow:
+            # then the exact test decides).
+            if not math.isfinite(w_norm) and not all_finite(f.original[i]):
+                raise non_finite(f.files, g.members[i])
+            exact = _same_bytes(w_hat, f.original[i])
+        return (same, exact, e_norm / w_norm if w_norm else 0.0,
+                cos_from_norms(h_norm, w_norm, e_norm))
 
     results = workers.map(check_member, range(len(g.members)))
     for i, (same, exact, rel_i, cos_i) in enumerate(results):
@@ -288,4 +293,6 @@ def projection_of(key: str) -> str:
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool(np.array_equal(np.asarray(tensor_bytes(a)), np.asarray(tensor_bytes(b))))
+    """Bit for bit (as bytes: a NaN equals itself), without a temporary of their size."""
+    return a.nbytes == b.nbytes and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                b.reshape(-1).view(torch.uint8))
