@@ -535,15 +535,20 @@ class ArchiveReader:
         version = meta.get(META_VERSION, "")
         if not (isinstance(version, str) and version.isascii() and version.isdigit()):
             raise self._invalid(f"format version {str(version)[:20]!r} is not a number")
-        if int(version) > FORMAT_VERSION:
+        # Compared as digits before int(): Python refuses to convert more than 4,300 of them
+        # (a ValueError, not an answer), and a header may hold millions.
+        digits = version.lstrip("0") or "0"
+        if len(digits) > len(str(FORMAT_VERSION)) or int(digits) > FORMAT_VERSION:
+            shown = digits if len(digits) <= 20 else f"{digits[:20]}... ({len(digits)} digits)"
             raise NewerFormatError(
-                f"written in ders format version {version}; this ders reads up to "
+                f"written in ders format version {shown}; this ders reads up to "
                 f"{FORMAT_VERSION}: upgrade ders", self.path)
-        if int(version) < least:
-            raise self._invalid(f"format version {version} has no sharded archives (version "
+        number = int(digits)
+        if number < least:
+            raise self._invalid(f"format version {number} has no sharded archives (version "
                                 f"{least} and later)")
-        self.digest = digests.for_version(int(version))
-        return int(version)
+        self.digest = digests.for_version(number)
+        return number
 
     def _read_manifest(self, text: object, version: int) -> None:
         try:

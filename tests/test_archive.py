@@ -115,16 +115,24 @@ def test_every_flipped_byte_is_detected(small_archive):
     assert undetected == []
 
 
-def test_newer_version_is_refused_with_an_upgrade_hint(small_archive):
+@pytest.mark.parametrize("version, shown", [
+    ("9", "version 9;"),
+    ("0009", "version 9;"),
+    # More digits than Python's int() converts (4,300): refused as newer, not an internal error.
+    ("1" * 5000, "version 11111111111111111111... (5000 digits);"),
+])
+def test_newer_version_is_refused_with_an_upgrade_hint(small_archive, version, shown):
     raw = bytearray(small_archive.read_bytes())
     (n,) = struct.unpack("<Q", raw[:8])
-    version = rb'"ders.version":"\d+"'
-    header = bytearray(re.sub(version, b'"ders.version":"9"', bytes(raw[8 : 8 + n])))
+    pattern = rb'"ders.version":"\d+"'
+    header = bytes(raw[8 : 8 + n])
+    header = re.sub(pattern, b'"ders.version":"' + version.encode() + b'"', header)
+    header = bytearray(header + b" " * (-len(header) % 8))
+    prefix = struct.pack("<Q", len(header))
     start = len(HEADER_PREFIX)
-    digest = header_hash(bytes(raw[:8]), bytes(header)).encode()
-    header[start : start + 64] = digest
-    small_archive.write_bytes(bytes(raw[:8] + header + raw[8 + n :]))
-    with pytest.raises(NewerFormatError, match=r"version 9.*upgrade ders"):
+    header[start : start + 64] = header_hash(prefix, bytes(header)).encode()
+    small_archive.write_bytes(prefix + bytes(header) + bytes(raw[8 + n :]))
+    with pytest.raises(NewerFormatError, match=re.escape(shown) + ".*upgrade ders"):
         ArchiveReader(small_archive)
 
 
