@@ -27,12 +27,12 @@ import re
 from dataclasses import dataclass, field, replace
 
 from .constants import FLOAT_DTYPES
-from .families import VOCABULARY
+from .families import INDEX, VOCABULARY, index_part
 from .quantized import REASON, is_companion, quant_format
 from .records import ExpertGroup, Member
 from .safetensors_io import TensorEntry
 
-_EXPERT_ITEM = re.compile(r"^expert_(\d+)$")
+_EXPERT_ITEM = re.compile(f"^expert_({INDEX})$")
 _WINDOW = 2
 
 
@@ -63,8 +63,9 @@ def expert_slot(name: str) -> tuple[str, int] | None:
     """(group key, expert index) for a per-expert tensor name; None for any other tensor."""
     parts = name.split(".")
     for j, part in enumerate(parts):
-        if part.isdigit():
-            index, form = int(part), "{E}"
+        index = index_part(part)
+        if index is not None:
+            form = "{E}"
         else:
             m = _EXPERT_ITEM.match(part)
             if not m:
@@ -85,7 +86,7 @@ def layer_key(name: str) -> str | None:
     """The name up to its layer index (``model.encoder.layers.3``), if it has one."""
     parts = name.split(".")
     for j in range(1, len(parts)):
-        if parts[j].isdigit() and parts[j - 1] in VOCABULARY.layers:
+        if index_part(parts[j]) is not None and parts[j - 1] in VOCABULARY.layers:
             return ".".join(parts[: j + 1])
     return None
 
@@ -176,8 +177,10 @@ def nothing_to_compress(found: Found) -> str | None:
                 "decompress other formats yet")
     if found.skipped:
         s = found.skipped[0]
-        return (f"no expert group qualifies ({len(found.skipped)} candidates, e.g. {s.key}: "
-                f"{s.reason})")
+        if len(found.skipped) > 1:
+            return (f"no expert group qualifies ({len(found.skipped)} candidates, e.g. "
+                    f"{s.key}: {s.reason})")
+        return f"no expert group qualifies (one candidate, {s.key}: {s.reason})"
     return ("no expert groups found: ders finds experts by their names and shapes "
             "(ders_cli/families.py lists the known layouts)")
 

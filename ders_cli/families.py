@@ -29,6 +29,18 @@ from functools import lru_cache
 
 ROLES = ("gate", "up", "down")  # an FFN's projections; two-matrix FFNs have no gate
 
+# A layer or expert index in a tensor name: ASCII digits, at most nine. Names come from files
+# anyone may hand ders: str.isdigit() and regex \d also accept "²" and other Unicode digits,
+# which int() refuses or reads, and int() refuses more than 4,300 digits; a name part that is
+# not such an index is simply not one (the tensor is no layer's or expert's).
+INDEX = r"[0-9]{1,9}"
+_INDEX = re.compile(INDEX)
+
+
+def index_part(part: str) -> int | None:
+    """``part`` of a dotted tensor name as a layer or expert index, or None."""
+    return int(part) if _INDEX.fullmatch(part) else None
+
 
 @dataclass(frozen=True)
 class Form:
@@ -160,7 +172,8 @@ def _template(template: str, **fixed: str) -> re.Pattern:
     out = re.escape(template)
     for key, value in fixed.items():
         out = out.replace(re.escape(f"{{{key}}}"), re.escape(value))
-    for key, group in (("L", r"(?P<L>\d+)"), ("E", r"(?P<E>\d+)"), ("prefix", "(?P<prefix>.+)")):
+    for key, group in (("L", f"(?P<L>{INDEX})"), ("E", f"(?P<E>{INDEX})"),
+                       ("prefix", "(?P<prefix>.+)")):
         out = out.replace(re.escape(f"{{{key}}}"), group)
     return re.compile(out)
 

@@ -228,3 +228,23 @@ def test_tensor_name_in_the_reserved_namespace(tmp_path):
 def test_a_name_that_looks_like_markup_is_printed_as_it_is(tmp_path):
     r = run("verify", tmp_path / "[/x][red]a.ders")
     assert_refused(r, "[/x][red]a.ders", "no such archive")
+
+
+@pytest.mark.parametrize("index", ["\u00b2", "\u0663", "1" * 5000],
+                         ids=["superscript", "arabic-indic", "5000 digits"])
+def test_a_name_whose_index_is_no_ascii_number_passes_through(tmp_path, index):
+    """str.isdigit() and regex \\d accept "²" (which int() refuses) and other Unicode digits,
+    and int() refuses more than 4,300 digits: such a part is no layer or expert index, and the
+    tensor is stored as it is (it was an internal error)."""
+    tensors = upcycled_tensors(layers=1)
+    odd = f"model.layers.{index}.block_sparse_moe.experts.{index}.w1.weight"
+    tensors[odd] = torch.ones(4, 4)
+    model = write_model(tmp_path / "model", tensors)
+    assert run("inspect", model).exit_code == 0
+    result = run("compress", model, "--drop", "0.9", "-o", tmp_path / "a.ders", "-q")
+    assert result.exit_code == 0, result.output
+    out = ders.expand(tmp_path / "a.ders", tmp_path / "x").folder
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(out / "model.safetensors")[odd], tensors[odd])
+    assert run("verify", tmp_path / "a.ders", "--against", model).exit_code == 0

@@ -26,12 +26,12 @@ from torch import nn
 from ..checkpoint import Checkpoint
 from ..dtypes import TORCH_DTYPES
 from ..errors import InputError
-from ..families import ROLES, for_model_type
+from ..families import INDEX, ROLES, for_model_type
 from ..groups import TensorSource
 from ..hf.skeleton import config_from_dict, empty_model, no_empty_module_warning
 from ..lanes import release_memory
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_LAYER = re.compile(rf"^model\.layers\.({INDEX})\.")
 EMBEDDINGS = "model.embed_tokens.weight"
 
 

@@ -63,8 +63,10 @@ def human_count(n: float) -> str:
 
 
 def natural_key(text: str) -> list:
-    """Sort key that orders layer 2 before layer 10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+    """Sort key that orders layer 2 before layer 10: runs of digits compare as numbers (by
+    length, then digits: names come from files, and int() refuses a run of 4,300 digits)."""
+    parts = re.split(r"([0-9]+)", text)
+    return [(len(p.lstrip("0")), p.lstrip("0")) if i % 2 else p for i, p in enumerate(parts)]
 
 
 def print_json(doc: object) -> None:
