@@ -224,11 +224,14 @@ HOSTILE = st.one_of(
                      str(ESCAPE / "x"), str(ESCAPE / "x.safetensors"), "a\\b", "a\x00b",
                      "a\x1b[2Jb", "[/x]", "config.json", "model.safetensors", "CONFIG.JSON",
                      "sub", "F16", "BF16", "U8", "Q4_K", "planes-zstd", "raw", "gaps", "bitmap",
-                     "seed", "all", "0" * 64, "f" * 16, "x" * 300, [], {}, [0], [2**31],
+                     "seed", "all", "0" * 64, "f" * 16, "x" * 300, "9" * 5000, [], {}, [0], [2**31],
                      [-1, 5], [5, 3], [0, 2**62], [[[[[[]]]]]]]),
     st.integers(), st.text(max_size=12), st.lists(st.integers(-3, 2**40), max_size=4),
     st.integers(60, 200).map(lambda n: deep(n)),
 )
+# What a renamed key's dotted part becomes: digits int() refuses ("²") or reads ("٣"), more
+# digits than int() converts, and near-indices.
+NAME_PARTS = ["\u00b2", "\u0663", "1" * 5000, "9" * 10, "-1", "07", "", "x"]
 
 
 def paths(doc, prefix=()):
@@ -243,8 +246,9 @@ def paths(doc, prefix=()):
 
 
 def mutate_json(doc, data):
-    """One edit of a JSON document: a value replaced by a hostile one, a key dropped, a list
-    item repeated or dropped, or a value nested deep."""
+    """One edit of a JSON document: a value replaced by a hostile one, a key dropped or renamed
+    (one dotted part of it replaced by a hostile one), a list item repeated or dropped, or a
+    value nested deep."""
     places = [p for p, _ in paths(doc) if p]
     if not places:
         return doc
@@ -252,9 +256,14 @@ def mutate_json(doc, data):
     parent = doc
     for key in path[:-1]:
         parent = parent[key]
-    op = data.draw(st.sampled_from(["replace", "replace", "replace", "drop", "repeat", "deep"]))
+    op = data.draw(st.sampled_from(["replace", "replace", "replace", "drop", "repeat", "deep",
+                                    "rename"]))
     last = path[-1]
-    if op == "replace":
+    if op == "rename" and isinstance(parent, dict):
+        parts = last.split(".")
+        parts[data.draw(st.integers(0, len(parts) - 1))] = data.draw(st.sampled_from(NAME_PARTS))
+        parent[".".join(parts)] = parent.pop(last)
+    elif op == "replace":
         parent[last] = data.draw(HOSTILE)
     elif op == "drop":
         del parent[last]
