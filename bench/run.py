@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     cache = CacheControl(not a.no_drop_cache)
-    startup = measure([PY, "-c", "import ders_cli.cli.app"], cache, work)
+    # What every ders command loads before it works: the CLI and torch (import ders_cli alone
+    # no longer imports torch).
+    startup = measure([PY, "-c", "import ders_cli.cli.app, torch"], cache, work)
     rows: list[Row] = []
     try:
         for gb in sizes:
@@ -388,17 +390,18 @@ def main(argv: list[str] | None = None) -> int:
         "Baseline: read every file of the checkpoint and write it to a new folder, fsync "
         "(bench/baselines.py). x baseline = seconds / baseline seconds; GB/s is over the "
         "checkpoint's bytes in every row; ratio = compressed size / checkpoint size.",
-        f"Times include process start; `import ders_cli` alone takes {startup.seconds:.1f} s and "
-        f"{startup.peak_rss / 1e6:.0f} MB (Python + torch), in every ders row.",
+        f"Times include process start: Python, ders' CLI and torch take {startup.seconds:.1f} s "
+        f"and {startup.peak_rss / 1e6:.0f} MB to load, in every ders row.",
         f"Largest expert group: 8 experts x [{a.hidden * 7 // 2}, {a.hidden}] bf16 = "
         f"{group_mb:.0f} MB at every size (layers are added to reach a size, shapes fixed).",
         *flatness(rows),
         "Codec theory (compress): the bases as stored (zstd-coded) + per expert the kept bf16 "
         f"values and an 8-byte seed (drop {DROP:g}) or {BITS}-bit codes + bf16 scale and offset "
         f"per {GROUP_SIZE} elements; plus untouched tensors, shard headers and side files.",
-        f"xz: Python's lzma, preset {XZ_PRESET} (64 MiB dictionary), one thread, at sizes up to "
-        f"{a.xz_max_gb:g} GB. Lossless: every expert bit for bit (base and residuals zstd-coded, "
-        "docs/FORMAT.md); its expand row compares the sha256 of every restored file.",
+        (f"xz: Python's lzma, preset {XZ_PRESET} (64 MiB dictionary), one thread, at sizes up "
+         f"to {a.xz_max_gb:g} GB." if a.xz_max_gb > 0 else "xz: not run (--xz-max-gb 0).")
+        + " Lossless: every expert bit for bit (base and residuals zstd-coded, docs/FORMAT.md); "
+        "its expand row compares the sha256 of every restored file.",
     ]
     print("\n".join(f"- {n}" for n in notes))
     return 0 if all(r.ok for r in rows) else 1
