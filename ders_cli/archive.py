@@ -531,7 +531,8 @@ class ArchiveReader:
 
     def _check_version(self, meta: dict, least: int = 1) -> int:
         """The format version ``meta`` names, checked: a number, at most the newest this ders
-        reads, at least ``least``; it says which hash the checksums are of (``digest``)."""
+        reads, at least ``least``; it says which hash the checksums are of (``digest``, from
+        the manifest that must name the same version)."""
         version = meta.get(META_VERSION, "")
         if not (isinstance(version, str) and version.isascii() and version.isdigit()):
             raise self._invalid(f"format version {str(version)[:20]!r} is not a number")
@@ -547,7 +548,6 @@ class ArchiveReader:
         if number < least:
             raise self._invalid(f"format version {number} has no sharded archives (version "
                                 f"{least} and later)")
-        self.digest = digests.for_version(number)
         return number
 
     def _read_manifest(self, text: object, version: int) -> None:
@@ -723,6 +723,11 @@ class ArchiveReader:
     def size(self) -> int:
         """Bytes of every file of the archive."""
         return self._size
+
+    @property
+    def digest(self) -> Digest:
+        """The hash of the archive's checksums: its version's."""
+        return self.manifest.digest
 
     @property
     def sharded(self) -> bool:

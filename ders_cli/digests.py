@@ -33,8 +33,7 @@ class Digest:
     every field that holds one of its checksums (``sha256``, ``recon_sha256``)."""
 
     name: str
-    since: int  # the first format version that takes it
-    until: int | None  # the last (None: every later one)
+    since: int  # the first format version that takes it (for_version says which takes each)
     _new: Callable[[], Any]
 
     def new(self) -> Any:
@@ -49,15 +48,15 @@ class Digest:
 
     def takes(self, version: int) -> bool:
         """Whether archives of format ``version`` hold checksums of this hash."""
-        return self.since <= version and (self.until is None or version <= self.until)
+        return for_version(version) is self
 
     @property
     def recon_field(self) -> str:
         return f"recon_{self.name}"
 
 
-SHA256 = Digest("sha256", 1, BLAKE3_VERSION - 1, hashlib.sha256)
-BLAKE3 = Digest("blake3", BLAKE3_VERSION, None, _blake3.blake3)
+SHA256 = Digest("sha256", 1, hashlib.sha256)
+BLAKE3 = Digest("blake3", BLAKE3_VERSION, _blake3.blake3)
 DIGESTS = (SHA256, BLAKE3)
 # What archives are written with unless asked otherwise: the fast one. SHA-256 remains for
 # readers older than format version 4 (``digest="sha256"``).
