@@ -100,7 +100,7 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
                 for s, h in zip(m.shards, headers, strict=True):
                     fds.append(_create_shard(build, s.file, h))
                     result.files.append(s.file)
-                with computing(workers) as pool:
+                with computing(workers, m.member_elements) as pool:
                     _write_tensors(reader, m, headers, fds, reporter, where, pool)
                 for fd in fds:
                     os.fsync(fd)

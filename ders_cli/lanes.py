@@ -183,14 +183,18 @@ def thread_buffer(slot: str, numel: int, dtype: torch.dtype,
 
 
 @contextmanager
-def computing(workers: int | None = None) -> Iterator[Workers]:
+def computing(workers: int | None = None, elements: int = 0) -> Iterator[Workers]:
     """The workers of one command (``workers`` threads, or every usable core), and torch's
     intra-op threads to match. With several workers each keeps torch to one thread: they fill
     the cores themselves, and OpenMP threads that find their core taken spin at every barrier
     (measured: each operation tens of times slower). With one, torch gets one core fewer than
     there are, since the lanes keep one busy hashing and moving bytes. Archives do not depend
-    on either: every member is computed by one thread the same way."""
+    on either: every member is computed by one thread the same way. ``elements``: how many
+    elements the command will compute on (``jit.expect``)."""
+    from .codecs import jit  # here: the codecs' package imports this module
+
     count = resolve_workers(workers)
+    jit.expect(elements)
     before = torch.get_num_threads()
     torch.set_num_threads(1 if count > 1 else max(1, min(before, usable_cores() - 1)))
     with _ACTIVE_LOCK:

@@ -159,6 +159,11 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def member_elements(self) -> int:
+        """Elements of all the groups' members: the work of synthesizing them all."""
+        return sum(g.numel * len(g.members) for g in self.groups)
+
+    @property
     def digest(self) -> Digest:
         """The hash of every checksum of this manifest (its version's)."""
         return for_version(self.version)

@@ -124,7 +124,7 @@ def verify(archive: str | Path, against: str | Path | None = None, *,
     except CorruptArchiveError as exc:
         report.fail(str(exc))
         return report
-    with reader, computing(workers) as pool:
+    with reader, computing(workers, reader.manifest.member_elements) as pool:
         try:
             _verify_open(reader, ckpt, report, reporter, where, pool)
         except CorruptArchiveError as exc:

@@ -205,6 +205,42 @@ def test_mask_kernel_is_the_numpy_generator(seed, n, k, kernels):
         assert sorted(fast.tolist()) == sorted(set(fast.tolist())) and int(fast.max()) < n
 
 
+# Domains at the edges of the sorted kernel's uint32 lanes (h = 16 at n = 2^32: both halves,
+# and every value the cycle walk meets, just fit) and masks at its density limit, bitmap words
+# filled to their last bit.
+SORTED_CASES = [(1, 2**32, 1000), (2, 2**32 - 1, 64), (3, 4**12 + 1, 4**12 // 32 + 1),
+                (4, 4**10, 4**10 - 1), (5, 64, 2), (6, 128, 127), (7, 4**8 + 1, 4**8 // 32 + 1),
+                (8, 10**7, 10**7 // 32), (9, 10**7, 10**7 // 32 - 1), (10, 4096, 4095)]
+
+
+@pytest.mark.parametrize("seed,n,k", SORTED_CASES)
+def test_sorted_mask_kernel_is_the_numpy_generator(seed, n, k, kernels):
+    """The kernel that puts positions in order with a bitmap gives the positions that sorting
+    the numpy generator's gives, from tiny domains to 2^32."""
+    from ders_cli.codecs import mask
+
+    fast = mask.mask_positions(seed, n, k)
+    kernels("never")
+    plain = mask.mask_positions(seed, n, k)
+    assert fast.dtype == plain.dtype == np.int64
+    assert np.array_equal(fast, plain)
+
+
+@pytest.mark.parametrize("seed,n", [(1, 2**32), (2, 2**32 - 5), (3, 4**15 + 1)])
+def test_sorted_mask_kernel_at_two_to_the_32(seed, n):
+    """Half-widths of 16 bits, the widest the kernel's lanes hold: called directly with fewer
+    positions than ``mask_positions`` would give it, against the sorted prefix. (Few: each
+    touches a page of the bitmap, and this process's peak memory is what its children report
+    first.)"""
+    from ders_cli.codecs import mask
+
+    k = 2000
+    out = np.empty(k, dtype=np.int64)
+    mask._sorted_kernel(np.array(mask.round_keys(seed), dtype=np.uint64), mask.half_bits(n), n,
+                        out)
+    assert np.array_equal(out, np.sort(mask.permutation_prefix(seed, n, k)).astype(np.int64))
+
+
 @given(seed=st.integers(0, 2**64 - 1), n=st.integers(1, 5000), frac=st.floats(0, 1))
 def test_mask_kernel_is_the_numpy_generator_on_random_domains(seed, n, frac):
     from ders_cli.codecs import jit, mask
@@ -255,3 +291,15 @@ def test_kernel_modes():
             jit.set_mode("sometimes")
     finally:
         jit.set_mode(before)
+
+
+def test_a_command_that_expects_much_work_runs_kernels_from_its_first_call(monkeypatch):
+    from ders_cli.codecs import jit
+
+    for key, value in (("mode", "auto"), ("work", 0), ("loaded", False)):
+        monkeypatch.setitem(jit._state, key, value)
+    assert not jit.wanted(10)
+    jit.expect(jit.KERNEL_WORK - 100)
+    assert not jit.wanted(10)
+    jit.expect(100)
+    assert jit.wanted(10)
