@@ -65,7 +65,11 @@ def report() -> dict[str, Any]:
             "process_wall": round(time.perf_counter() - _START, 4)}
 
 
-def _write() -> None:
+def write() -> None:
+    """Write the profile now (when on): processes that leave without the interpreter's exit
+    handlers (``ders``'s do) call this first."""
+    if _PATH is None:
+        return
     try:
         with open(_PATH, "w") as f:
             json.dump(report(), f, indent=1)
@@ -74,4 +78,4 @@ def _write() -> None:
 
 
 if _PATH is not None:
-    atexit.register(_write)
+    atexit.register(write)

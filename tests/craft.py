@@ -124,12 +124,14 @@ def run_limited(args: list[str], memory: int = 2 << 30, timeout: float = 120,
     code = ("import resource, sys, runpy\n"
             f"resource.setrlimit(resource.RLIMIT_AS, ({memory}, {memory}))\n"
             "sys.argv = ['ders'] + sys.argv[1:]\n"
+            "code = 3\n"
             "try:\n"
-            "    from ders_cli.cli.app import main\n"
-            "    main()\n"
+            "    from ders_cli.cli.main import run\n"
+            "    code = run()\n"
             "finally:\n"
             "    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "    sys.stderr.write(f'\\npeak-rss-kb {rss}\\n')\n")
+            "    sys.stderr.write(f'\\npeak-rss-kb {rss}\\n')\n"
+            "sys.exit(code)\n")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
 

@@ -163,10 +163,10 @@ def test_help_version_examples_and_defaults():
 
 
 def test_help_and_version_do_not_import_torch():
-    code = ("import sys\nfrom ders_cli.cli.app import main\n"
+    code = ("import sys\nfrom ders_cli.cli.main import run\n"
             "for argv in (['ders', '--help'], ['ders', 'compress', '-h'], ['ders', '--version']):"
-            "\n    sys.argv = argv\n    try:\n        main()\n    except SystemExit:\n"
-            "        pass\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+            "\n    sys.argv = argv\n    assert run() == 0\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr

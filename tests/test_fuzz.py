@@ -407,18 +407,14 @@ def test_every_byte_flipped(seeds, tmp_path, kind):
 DRIVER = """
 import io, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
-from ders_cli.cli.main import main
+from ders_cli.cli.main import run
 report = sys.stdout
 for path in sys.argv[2:]:
     for cmd in (["verify", path], ["expand", path, "-o", path + ".out"]):
         sys.argv = ["ders", *cmd]
         sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
         start = time.perf_counter()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
+        code = run()
         text = sys.stderr.getvalue()
         sys.stdout, sys.stderr = report, sys.__stderr__
         lines = [line for line in text.splitlines() if line.strip()]
