@@ -303,3 +303,18 @@ def test_a_command_that_expects_much_work_runs_kernels_from_its_first_call(monke
     assert not jit.wanted(10)
     jit.expect(100)
     assert jit.wanted(10)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16])
+def test_plane_kernels_are_the_numpy_planes(dtype, kernels):
+    """16-bit words split into planes and joined back, by the kernels and by numpy: the same
+    bytes (every value, and a strided view as the lossless coder passes)."""
+    from ders_cli.codecs import planes
+
+    words = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(dtype)[::-1]
+    fast = planes.plane_bytes(words)
+    joined = planes.from_planes(fast)
+    kernels("never")
+    assert np.array_equal(fast, planes.plane_bytes(words))
+    assert np.array_equal(joined, planes.from_planes(fast))
+    assert np.array_equal(joined.view(dtype), words)

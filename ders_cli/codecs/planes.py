@@ -19,6 +19,7 @@ import zstandard
 
 from ..lanes import usable_cores, worker_count
 from ..profile import stage
+from . import jit
 
 # Unsigned words by width in bytes, and the signed types torch can view floats as.
 WORD_TYPES: dict[int, type[np.unsignedinteger]] = {2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -45,6 +46,9 @@ def plane_bytes(words: np.ndarray) -> np.ndarray:
     """``[width, n]`` bytes: row k holds byte k (little-endian) of every word, in order."""
     t = words.dtype.type
     out = np.empty((words.dtype.itemsize, words.shape[0]), dtype=np.uint8)
+    if out.shape[0] == 2 and jit.wanted(out.shape[1]):
+        _split2(words, out[0], out[1])
+        return out
     for k in range(out.shape[0]):
         out[k] = words >> t(8 * k)  # shifts, not a strided transpose: several times faster
     return out
@@ -54,10 +58,30 @@ def from_planes(planes: np.ndarray) -> np.ndarray:
     """The inverse of ``plane_bytes``."""
     width = planes.shape[0]
     t = WORD_TYPES[width]
+    if width == 2 and jit.wanted(planes.shape[1]):
+        words = np.empty(planes.shape[1], dtype=t)
+        _join2(planes[0], planes[1], words)
+        return words
     words = planes[0].astype(t)
     for k in range(1, width):
         words |= planes[k].astype(t) << t(8 * k)
     return words
+
+
+# 16-bit words (bf16 and f16 bases, every group of today's checkpoints) in one pass each way,
+# where numpy makes four with temporaries: measured 6x faster at 2^22 words (2.2 ms, was 13.4).
+@jit.kernel
+def _split2(words, lo, hi):  # pragma: no cover - compiled by numba
+    for i in range(words.shape[0]):
+        x = words[i]
+        lo[i] = np.uint8(x & np.uint16(255))
+        hi[i] = np.uint8(x >> np.uint16(8))
+
+
+@jit.kernel
+def _join2(lo, hi, words):  # pragma: no cover - compiled by numba
+    for i in range(words.shape[0]):
+        words[i] = np.uint16(lo[i]) | (np.uint16(hi[i]) << np.uint16(8))
 
 
 def pack(words: np.ndarray, cuts: Sequence[int] = (), level: int | None = None) -> bytes:
