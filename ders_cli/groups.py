@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
+import numpy as np
 import torch
 
 from .archive import ArchiveReader
-from .codecs import Decoded, ExactDelta, SparseDelta, get_codec
+from .codecs import Decoded, ExactDelta, SparseDelta, get_codec, jit
 from .codecs.bases import load_base
 from .dtypes import compute_dtype
 from .errors import CorruptArchiveError
@@ -52,6 +53,16 @@ def synthesize_decoded(decoded: Decoded, base: torch.Tensor, base_c: torch.Tenso
         return Synthesized(out.copy_(decoded.apply(base)))
     if isinstance(decoded, SparseDelta):
         pos = decoded.positions
+        if (base.dtype == torch.bfloat16 and decoded.values.dtype == torch.float32
+                and base.device.type == out.device.type == pos.device.type == "cpu"
+                and decoded.values.device.type == "cpu" and jit.wanted(base.numel())):
+            kept_base = torch.empty(pos.numel(), dtype=torch.float32)
+            kept = torch.empty(pos.numel(), dtype=torch.bfloat16)
+            out.copy_(base)
+            _sparse_bf16(base.view(torch.int16).numpy(), pos.numpy(),
+                         decoded.values.numpy(), out.view(torch.int16).numpy(),
+                         kept_base.numpy(), kept.view(torch.int16).numpy())
+            return Synthesized(out, kept_base, kept)
         kept_base = torch.index_select(base if base_c is None else base_c, 0, pos)
         kept_base = kept_base.to(decoded.values.dtype)
         kept = (kept_base + decoded.values).to(base.dtype)
@@ -60,6 +71,32 @@ def synthesize_decoded(decoded: Decoded, base: torch.Tensor, base_c: torch.Tenso
     if base_c is None:
         base_c = base.to(decoded.dtype)
     return Synthesized(out.copy_(decoded.add_(base_c)))
+
+
+# A bf16 member's kept positions from its sparse delta in one pass where torch makes four
+# (gather, add, cast, scatter; the copy of the base stays torch's, at memory speed): the same
+# bits (tests/test_kernels.py), as the arithmetic is the same: bf16 to float32 is exact (the
+# bits shifted up), the sum is one IEEE float32 addition, and the cast back rounds to nearest
+# even as torch's does (a NaN, which no ders writer stores, becomes 0x7FC0, torch's scalar
+# choice). Measured at 2^22 elements, k = n / 10: 4.2 ms with the copy, torch 8.1. Floats are
+# reinterpreted through one-element arrays: numba has no scalar bit cast.
+@jit.kernel
+def _sparse_bf16(base, pos, values, out, kept_base, kept):  # pragma: no cover - numba
+    kb_bits = kept_base.view(np.uint32)
+    total = np.empty(1, dtype=np.float32)
+    total_bits = total.view(np.uint32)
+    one, bias, s16 = np.uint32(1), np.uint32(0x7FFF), np.uint32(16)
+    for j in range(pos.shape[0]):
+        p = pos[j]
+        kb_bits[j] = np.uint32(np.uint16(base[p])) << s16
+        total[0] = kept_base[j] + values[j]
+        if total[0] != total[0]:
+            v = np.int16(0x7FC0)
+        else:
+            u = total_bits[0]
+            v = np.int16(np.uint16((u + ((u >> s16) & one) + bias) >> s16))
+        kept[j] = v
+        out[p] = v
 
 
 def synthesize(base: torch.Tensor, codec: str, params: dict, rows: dict[str, torch.Tensor],
