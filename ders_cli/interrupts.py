@@ -30,7 +30,7 @@ class Interrupted(BaseException):
         self.exit_code = 128 + signum
 
 
-_state = {"installed": False, "fired": False, "critical": 0, "pending": 0}
+_state = {"installed": False, "fired": 0, "critical": 0, "pending": 0}
 
 
 def _handler(signum: int, frame: object) -> None:
@@ -39,8 +39,16 @@ def _handler(signum: int, frame: object) -> None:
     if _state["critical"]:
         _state["pending"] = signum
         return
-    _state["fired"] = True
+    _state["fired"] = signum
     raise Interrupted(signum)
+
+
+def fired() -> Interrupted | None:
+    """The interrupt this run received, if any: for an entry point that sees another exception
+    instead (a library that caught ``Interrupted`` mid-step and failed in its own way, as
+    numba's compiler lock does when the signal lands while it loads a kernel)."""
+    signum = _state["fired"]
+    return Interrupted(signum) if signum else None
 
 
 def install() -> None:
@@ -74,5 +82,5 @@ def deferred() -> Iterator[None]:
     signum = _state["pending"]
     if signum and not _state["critical"] and not _state["fired"]:
         _state["pending"] = 0
-        _state["fired"] = True
+        _state["fired"] = signum
         raise Interrupted(signum)

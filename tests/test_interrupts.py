@@ -136,3 +136,28 @@ def test_an_interrupt_as_the_temporary_output_is_made_leaves_nothing(handler, tm
         else:
             outputs.BuildDir(tmp_path / "out", overwrite=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# A library that catches the interrupt mid-step and fails in its own way (numba's compiler lock,
+# when the signal lands while a kernel loads: "RuntimeError: release unlocked lock").
+SWALLOWED = """
+import os, signal, sys, time
+import ders_cli.cli.app as app
+def command():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    except BaseException:
+        raise RuntimeError("release unlocked lock") from None
+app.app = command
+sys.argv = ["ders", "compress"]
+from ders_cli.cli.main import main
+main()
+"""
+
+
+def test_an_interrupt_a_library_turned_into_another_error_is_still_an_interrupt():
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stderr.splitlines() == [LINE[signal.SIGTERM]]

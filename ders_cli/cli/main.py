@@ -13,7 +13,7 @@ import sys
 from typing import NoReturn
 
 from .. import profile
-from ..interrupts import Interrupted, install
+from ..interrupts import Interrupted, fired, install
 
 # The command line this process runs, as typed (None when the app is called another way, as
 # tests do): archives record it (ders_cli.provenance masks tokens).
@@ -56,6 +56,9 @@ def run() -> int:
         sys.stderr.write(f"{exc.code}\n")  # what Python prints for sys.exit("text")
         return 1
     except Exception as exc:
+        interrupted = fired()
+        if interrupted is not None:  # the interrupt, turned into another error on its way up
+            _leave(f"ders: {interrupted}; nothing was written\n", interrupted.exit_code)
         if os.environ.get("DERS_DEBUG"):
             raise
         _stop_progress()
