@@ -56,7 +56,7 @@ from .errors import (
 )
 from .hub import HubOptions, resolve_archive
 from .interrupts import critical, deferred
-from .outputs import create_exclusive, temp_path
+from .outputs import create_exclusive, temp_path, write_at
 from .profile import stage
 from .records import HEX_DIGEST, Manifest, path_problem
 from .safetensors_io import (
@@ -756,6 +756,20 @@ class ArchiveReader:
             yield chunk
         if check:
             self._compare(name, sha.hexdigest())
+
+    def copy_to(self, name: str, fd: int, offset: int, checksum: str, what: str) -> int:
+        """Write stored array ``name``'s bytes into ``fd`` from ``offset`` on, a chunk at a time,
+        hashing them as they pass: raises CorruptArchiveError naming ``what`` ("side file
+        'x'") unless they match ``checksum`` (the manifest's record of the file or tensor they
+        become). Returns the bytes written."""
+        digest, pos = self.digest.new(), offset
+        for chunk in self.chunks(name, check=False):
+            digest.update(chunk)
+            write_at(fd, chunk, pos)
+            pos += len(chunk)
+        if digest.hexdigest() != checksum:
+            raise CorruptArchiveError(f"{what} does not match its checksum", self.path)
+        return pos - offset
 
     def read_bytes(self, name: str, check: bool = True) -> bytearray:
         e = self.entry(name)

@@ -28,6 +28,7 @@ from .outputs import (
     check_new_output,
     output_path,
     sweep_leftovers,
+    write_at,
     writing,
 )
 from .profile import stage
@@ -115,46 +116,24 @@ def expand(archive: str | Path, out: str | Path | None = None, *, overwrite: boo
 
 def _write_side_file(reader: ArchiveReader, build: BuildDir, rel: str, array: str,
                      sha: str) -> None:
-    digest = reader.digest.new()
     fd = build.create(rel)
     try:
-        pos = 0
-        for chunk in reader.chunks(array, check=False):
-            digest.update(chunk)
-            _pwrite_all(fd, memoryview(chunk), pos)
-            pos += len(chunk)
+        reader.copy_to(array, fd, 0, sha, f"side file {rel!r}")
         os.fsync(fd)
     finally:
         os.close(fd)
-    if digest.hexdigest() != sha:
-        raise CorruptArchiveError(f"side file {rel!r} does not match its checksum", reader.path)
 
 
 def _create_shard(build: BuildDir, rel: str, h: Header) -> int:
     fd = build.create(rel)
-    _pwrite_all(fd, memoryview(struct.pack("<Q", len(h.raw)) + h.raw), 0)
+    write_at(fd, struct.pack("<Q", len(h.raw)) + h.raw, 0)
     os.ftruncate(fd, h.file_size)
     return fd
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    data = data.cast("B")
-    while len(data):
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
 def _copy_passthrough(reader: ArchiveReader, name: str, sha: str, fd: int, offset: int,
                       reporter: Reporter) -> None:
-    digest = reader.digest.new()
-    pos = offset
-    for chunk in reader.chunks(name, check=False):
-        digest.update(chunk)
-        _pwrite_all(fd, memoryview(chunk), pos)
-        pos += len(chunk)
-    if digest.hexdigest() != sha:
-        raise CorruptArchiveError(f"tensor {name!r} does not match its checksum", reader.path)
-    reporter.advance(pos - offset)
+    reporter.advance(reader.copy_to(name, fd, offset, sha, f"tensor {name!r}"))
 
 
 def _write_member(reader: ArchiveReader, label: str, w: torch.Tensor, sha: str, fd: int,
@@ -167,7 +146,7 @@ def _write_member(reader: ArchiveReader, label: str, w: torch.Tensor, sha: str, 
             f"synthesized {label!r} differs from the archive's record "
             "(corrupt archive, or a platform that computes differently)", reader.path)
     with stage("write"):
-        _pwrite_all(fd, data, offset)
+        write_at(fd, data, offset)
     reporter.advance(len(data))
 
 

@@ -108,6 +108,15 @@ def check_merge(dest: Path, files: list[str]) -> None:
                 raise InputError(f"holds a folder {rel!r} where the archive writes a file", dest)
 
 
+def write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """All of ``data`` into ``fd`` from byte ``offset`` on (``pwrite`` may write less than asked;
+    positioned writes let several threads fill one file)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def is_no_room(exc: OSError) -> bool:
     return exc.errno in _NO_ROOM
 
