@@ -160,3 +160,28 @@ def test_the_golden_archives_of_both_hashes_open(tmp_path):
                          ("tiny-q3-blake3.ders", digests.BLAKE3)):
         with ArchiveReader(GOLDEN / name) as reader:
             assert reader.digest is digest
+
+
+def test_upcycle_and_save_pretrained_write_either(tmp_path):
+    """Every writer takes the hash: ``ders upcycle --digest`` and ``save_pretrained(...,
+    digest=)`` of the model it gives (through save_archive) write versions before 4 with
+    sha256, and refuse an unknown hash before loading anything."""
+    from ders_cli.training import load_trainable
+    from fixtures.tiny_dense import save_tiny_dense
+
+    dense = save_tiny_dense(tmp_path / "dense", "mistral")
+    out = tmp_path / "moe.ders"
+    result = runner.invoke(app, ["upcycle", str(dense), "-o", str(out), "--digest", "sha256",
+                                 "-q"])
+    assert result.exit_code == 0, result.output
+    with ArchiveReader(out) as reader:
+        assert reader.digest is digests.SHA256 and reader.manifest.version < 4
+    result = runner.invoke(app, ["upcycle", str(dense), "-o", str(tmp_path / "x.ders"),
+                                 "--digest", "md5"])
+    assert result.exit_code == 2 and not (tmp_path / "x.ders").exists()
+    model = load_trainable(out)
+    for d in digests.DIGESTS:
+        model.save_pretrained(tmp_path / d.name, digest=d.name)
+        archive = next((tmp_path / d.name).glob("*.ders*"))
+        with ArchiveReader(archive) as reader:
+            assert reader.digest is d

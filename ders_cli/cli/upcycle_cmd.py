@@ -10,7 +10,9 @@ import typer
 
 from .console import RichReporter, human_bytes, out, print_json, reported, shown
 from .options import (
+    DEFAULT_DIGEST,
     CacheDirOpt,
+    DigestOpt,
     ForceOpt,
     JsonOpt,
     QuietOpt,
@@ -58,6 +60,7 @@ def upcycle_cmd(
     revision: RevisionOpt = None,
     token: TokenOpt = None,
     cache_dir: CacheDirOpt = None,
+    digest: DigestOpt = DEFAULT_DIGEST,
     force: ForceOpt = False,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -81,7 +84,7 @@ def upcycle_cmd(
     with reported():
         result = upcycle_checkpoint(dense, out_path, spec, overwrite=force,
                                     reporter=RichReporter(quiet or json), revision=revision,
-                                    token=token, cache_dir=cache_dir)
+                                    token=token, cache_dir=cache_dir, digest=digest.value)
     if json:
         doc = result.to_dict()
         doc["seconds"] = time.perf_counter() - start

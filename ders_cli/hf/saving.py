@@ -17,17 +17,18 @@ from typing import Any
 
 from torch import nn
 
+from .. import digests
 from ..errors import UsageError
 from .quantizer import ARCHIVE_NAME, check_no_plain_weights, write_folder
 
 
 def save_ders_folder(model: nn.Module, save_directory: str | Path, *,
                      is_main_process: bool = True, push_to_hub: bool = False,
-                     **ignored: Any) -> None:
+                     digest: str = digests.DEFAULT.name, **ignored: Any) -> None:
     """Write ``model`` as a ders folder: config.json with its quantization_config, the archive
     and the side files it carries. ``state_dict``, ``safe_serialization``, ``max_shard_size``
     (what transformers.Trainer passes) do not apply: the archive is written from the expert
-    modules themselves."""
+    modules themselves. ``digest``: the hash of the archive's checksums, as ``compress``'s."""
     from ..training.archive_io import save_archive
 
     if not is_main_process:
@@ -42,7 +43,7 @@ def save_ders_folder(model: nn.Module, save_directory: str | Path, *,
     check_no_plain_weights(folder)
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / ARCHIVE_NAME
-    save_archive(model, archive, overwrite=True)
+    save_archive(model, archive, overwrite=True, digest=digest)
     write_folder(archive, folder)
 
 

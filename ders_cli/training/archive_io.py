@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import digests
 from ..archive import ArchiveReader
 from ..codecs import LowRankCodec, SparseCodec, codec_label
 from ..compress import CompressResult, compress_checkpoint
@@ -40,7 +41,8 @@ from .upcycle import UpcycleSpec, upcycle_model
 
 def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
                  side_files: Iterable[str | Path] = (), reporter: Reporter | None = None,
-                 expanded_shard_size: int | str = DEFAULT_SHARD_SIZE) -> CompressResult:
+                 expanded_shard_size: int | str = DEFAULT_SHARD_SIZE,
+                 digest: str = digests.DEFAULT.name) -> CompressResult:
     """Write a model with DeRS experts (from ``upcycle_model``, ``load_trainable``,
     ``load_from_archive`` or ``from_pretrained`` of a ders folder) to a .ders archive.
 
@@ -50,7 +52,8 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
     expand`` gives that checkpoint back. Nothing but its small side files is written on the
     way (``hf.vanilla``). ``side_files`` (tokenizer files, a README...) are stored too; a model
     loaded from an archive also keeps that archive's side files (a file of the same name in
-    ``side_files`` replaces one of those).
+    ``side_files`` replaces one of those). ``digest``: the hash of the archive's checksums, as
+    ``compress``'s.
     """
     out = Path(out)
     family = for_model_type(model.config.model_type)
@@ -85,7 +88,8 @@ def save_archive(model: nn.Module, out: str | Path, *, overwrite: bool = False,
         for f in side_files:
             shutil.copy2(f, root / Path(f).name)
         return compress_checkpoint(described.checkpoint(), described.source, None, out,
-                                   given=given, overwrite=overwrite, reporter=reporter)
+                                   given=given, overwrite=overwrite, reporter=reporter,
+                                   digest=digest)
 
 
 def load_trainable(archive: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
@@ -153,14 +157,17 @@ def _load_projection(am: ArchiveModel, slot: ExpertSlot, dtype: torch.dtype) -> 
 def upcycle_checkpoint(dense: str | Path, out: str | Path, spec: UpcycleSpec, *,
                        overwrite: bool = False, reporter: Reporter | None = None,
                        revision: str | None = None, token: str | bool | None = None,
-                       cache_dir: str | Path | None = None) -> CompressResult:
+                       cache_dir: str | Path | None = None,
+                       digest: str = digests.DEFAULT.name) -> CompressResult:
     """``ders upcycle``: a dense checkpoint folder (or Hub repo id, at ``revision``, with
-    ``token`` and ``cache_dir``) into a DeRS MoE archive, ready to train."""
+    ``token`` and ``cache_dir``) into a DeRS MoE archive, ready to train; ``digest`` as
+    ``compress``'s."""
     from transformers import AutoModelForCausalLM
 
     from ..hub import HubOptions, resolve_model
 
     spec.check()
+    digests.by_name(digest)  # refused before the model is loaded
     dense = resolve_model(dense, HubOptions(revision, token, cache_dir)).path
     if not (dense / "config.json").is_file():
         raise InputError("not a transformers model folder (no config.json)", dense)
@@ -175,7 +182,8 @@ def upcycle_checkpoint(dense: str | Path, out: str | Path, spec: UpcycleSpec, *,
         raise InputError(f"transformers cannot load it: {exc}", dense) from None
     moe = upcycle_model(model, spec)
     side = [p for p in sorted(dense.iterdir()) if p.is_file() and _is_side_file(p.name)]
-    return save_archive(moe, out, overwrite=overwrite, side_files=side, reporter=reporter)
+    return save_archive(moe, out, overwrite=overwrite, side_files=side, reporter=reporter,
+                        digest=digest)
 
 
 # Files of a dense model folder that describe the model rather than the tokenizer or the text:
