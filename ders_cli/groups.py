@@ -77,9 +77,9 @@ def synthesize_decoded(decoded: Decoded, base: torch.Tensor, base_c: torch.Tenso
 # (gather, add, cast, scatter; the copy of the base stays torch's, at memory speed): the same
 # bits (tests/test_kernels.py), as the arithmetic is the same: bf16 to float32 is exact (the
 # bits shifted up), the sum is one IEEE float32 addition, and the cast back rounds to nearest
-# even as torch's does (a NaN, which no ders writer stores, becomes 0x7FC0, torch's scalar
-# choice). Measured at 2^22 elements, k = n / 10: 4.2 ms with the copy, torch 8.1. Floats are
-# reinterpreted through one-element arrays: numba has no scalar bit cast.
+# even as torch's does (a NaN, which no ders writer stores, becomes 0xFFFF, as torch's cast
+# gives on x86). Measured at 2^22 elements, k = n / 10: 4.2 ms with the copy, torch 8.1.
+# Floats are reinterpreted through one-element arrays: numba has no scalar bit cast.
 @jit.kernel
 def _sparse_bf16(base, pos, values, out, kept_base, kept):  # pragma: no cover - numba
     kb_bits = kept_base.view(np.uint32)
@@ -91,7 +91,7 @@ def _sparse_bf16(base, pos, values, out, kept_base, kept):  # pragma: no cover -
         kb_bits[j] = np.uint32(np.uint16(base[p])) << s16
         total[0] = kept_base[j] + values[j]
         if total[0] != total[0]:
-            v = np.int16(0x7FC0)
+            v = np.int16(-1)
         else:
             u = total_bits[0]
             v = np.int16(np.uint16((u + ((u >> s16) & one) + bias) >> s16))
