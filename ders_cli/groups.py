@@ -105,7 +105,11 @@ def synthesize(base: torch.Tensor, codec: str, params: dict, rows: dict[str, tor
     """Member ``member`` of a group, flattened, in the group's dtype, from its rows of the
     codec arrays (``synthesize_decoded`` after the codec's decoding)."""
     flat = base.reshape(-1)
-    delta = get_codec(codec).decode(rows, params, member, flat.numel(), dtype)
+    impl = get_codec(codec)
+    if out is not None and base_c is not None and impl.synthesize_into(rows, params, base_c,
+                                                                        out):
+        return out
+    delta = impl.decode(rows, params, member, flat.numel(), dtype)
     return synthesize_decoded(delta, flat, base_c, out).member
 
 

@@ -349,3 +349,29 @@ def test_sparse_bf16_synthesis_kernel_is_torchs(kernels):
         assert torch.equal(_bits(fast.member), _bits(plain.member))
         assert torch.equal(_bits(fast.kept), _bits(plain.kept))
         assert torch.equal(_bits(fast.kept_base), _bits(plain.kept_base))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("n,group_size", [(4096, 128), (1003, 128), (999, 2**31), (7, 4),
+                                          (1003, 100)])
+def test_quant_bf16_synthesis_kernels_are_torchs(bits, n, group_size, kernels):
+    """A bf16 member synthesized from its codes by the kernels and by dequantize plus torch's
+    addition and cast: the same bits, for every width (3 bits and G = 100 take torch's path
+    either way), members that end inside a byte and inside a group, one group of G >= n, and
+    bases with infinities, zeros of both signs and subnormals."""
+    from ders_cli.codecs.quant import QuantCodec
+    from ders_cli.groups import synthesize
+
+    g = torch.Generator().manual_seed(bits * 1000 + n)
+    base = (torch.randn(n, generator=g) * 0.05).to(torch.bfloat16)
+    base[:4] = torch.tensor([float("inf"), -0.0, 0.0, 1e-39])
+    delta = torch.randn(n, generator=g) * 0.01
+    params = {"bits": bits, "group_size": group_size, "method": "rtn"}
+    rows, _ = QuantCodec.encode_member(delta, "BF16", params, 0)
+    base_c = base.float()
+    fast = synthesize(base, "quant", params, rows, 0, "BF16", base_c, torch.empty_like(base))
+    took = QuantCodec.synthesize_into(rows, params, base_c, torch.empty_like(base))
+    assert took == (bits != 3 and group_size != 100)
+    kernels("never")
+    plain = synthesize(base, "quant", params, rows, 0, "BF16", base_c, torch.empty_like(base))
+    assert torch.equal(_bits(fast), _bits(plain))

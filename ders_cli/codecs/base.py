@@ -234,6 +234,15 @@ class DeltaCodec(ABC):
         """The delta of one member (flattened, compute dtype) from its rows of the arrays:
         dense, or a SparseDelta when it is defined at some positions only."""
 
+    @classmethod
+    def synthesize_into(cls, rows: dict[str, torch.Tensor], params: dict, base_c: torch.Tensor,
+                        out: torch.Tensor) -> bool:
+        """Write the member ``cast(base + delta)`` into ``out`` straight from its rows, when the
+        codec has a faster way than ``decode`` followed by synthesis' addition that gives the
+        same bits (``base_c``: the base in the compute dtype; ``out``: flat, the group's
+        dtype). False when it has none for these arguments: then the generic path runs."""
+        return False
+
     # --- a layer computing with the stored delta -----------------------------------------------
 
     @classmethod
