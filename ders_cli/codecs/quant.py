@@ -31,6 +31,7 @@ from ..constants import (
 )
 from ..dtypes import TORCH_DTYPES, compute_dtype
 from ..errors import UsageError
+from ..lanes import thread_buffer
 from . import jit
 from .base import ArraySpec, Calibration, CodecSpec, DeltaCodec, GroupShape, Option
 from .bitpack import pack, packed_nbytes, unpack
@@ -470,6 +471,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | 
 # x86). Three small kernels, because numba vectorizes small loops: one kernel doing all three
 # per chunk measured no faster than torch. Measured at 2^22 elements, 2 bits, G = 128: 14 ms,
 # torch 25-32. The group of element j is j >> log2(G), so G must be a power of two.
+# Each fills q with the codes of whole bytes only (q's length a multiple of 8 / bits); the
+# caller decodes the last few codes that share a byte.
 @kernel
 def _unpack8(codes, q):  # pragma: no cover - compiled by numba
     for j in range(q.shape[0]):
@@ -478,37 +481,28 @@ def _unpack8(codes, q):  # pragma: no cover - compiled by numba
 
 @kernel
 def _unpack4(codes, q):  # pragma: no cover - compiled by numba
-    n = q.shape[0]
-    for b in range(n // 2):
+    for b in range(q.shape[0] // 2):
         x = codes[b]
         q[2 * b] = np.float32(x & np.uint8(15))
         q[2 * b + 1] = np.float32(x >> np.uint8(4))
-    for j in range(n - n % 2, n):
-        q[j] = np.float32((codes[j // 2] >> np.uint8(4 * (j % 2))) & np.uint8(15))
 
 
 @kernel
 def _unpack2(codes, q):  # pragma: no cover - compiled by numba
-    n = q.shape[0]
-    for b in range(n // 4):
+    for b in range(q.shape[0] // 4):
         x = codes[b]
         q[4 * b] = np.float32(x & np.uint8(3))
         q[4 * b + 1] = np.float32((x >> np.uint8(2)) & np.uint8(3))
         q[4 * b + 2] = np.float32((x >> np.uint8(4)) & np.uint8(3))
         q[4 * b + 3] = np.float32(x >> np.uint8(6))
-    for j in range(n - n % 4, n):
-        q[j] = np.float32((codes[j // 4] >> np.uint8(2 * (j % 4))) & np.uint8(3))
 
 
 @kernel
 def _unpack1(codes, q):  # pragma: no cover - compiled by numba
-    n = q.shape[0]
-    for b in range(n // 8):
+    for b in range(q.shape[0] // 8):
         x = codes[b]
         for t in range(8):
             q[8 * b + t] = np.float32((x >> np.uint8(t)) & np.uint8(1))
-    for j in range(n - n % 8, n):
-        q[j] = np.float32((codes[j // 8] >> np.uint8(j % 8)) & np.uint8(1))
 
 
 _UNPACK = {1: _unpack1, 2: _unpack2, 4: _unpack4, 8: _unpack8}
@@ -607,8 +601,6 @@ class QuantCodec(DeltaCodec):
                         out: torch.Tensor) -> bool:
         """bf16 members on the CPU, groups of a power of two (the default 128), by the kernels
         below; anything else by ``decode``."""
-        from ..lanes import thread_buffer
-
         n, bits, g = out.numel(), params["bits"], params["group_size"]
         if not (out.dtype == torch.bfloat16 and base_c.dtype == torch.float32
                 and out.device.type == base_c.device.type == "cpu" and bits in _UNPACK
@@ -620,7 +612,9 @@ class QuantCodec(DeltaCodec):
         if codes.numel() < packed_nbytes(n, bits) or min(scale.numel(), offset.numel()) < groups:
             return False  # dequantize says what is wrong
         q = thread_buffer("quant-codes", n, torch.float32).numpy()
-        _UNPACK[bits](codes.numpy(), q)
+        packed, whole = codes.numpy(), n - n % (8 // bits)
+        _UNPACK[bits](packed, q[:whole])
+        q[whole:] = unpack(packed[whole * bits // 8:], bits, n - whole)
         _affine(q, g.bit_length() - 1, bits == 1, scale.numpy(), offset.numpy(),
                 base_c.reshape(-1).numpy())
         _round_bf16(q.view(np.uint32), out.view(torch.int16).numpy())
