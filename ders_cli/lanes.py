@@ -16,7 +16,6 @@ at most ``depth`` pending tasks so that memory stays bounded: a submit waits for
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from collections import deque
@@ -75,10 +74,11 @@ class Lane:
 def _libc_trim() -> Callable[[], None]:
     # glibc keeps freed large blocks in its heap; after a group of hundreds of MB that reads as
     # resident memory that grows with the checkpoint. malloc_trim hands it back to the kernel.
-    name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        # The process's own symbols, libc's among them: find_library("c") would run ldconfig
+        # in a subprocess (23 ms at every import).
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):
         trim = None
     if trim is None:
         return lambda: None

@@ -4,6 +4,7 @@ help, help without torch, and docs/CLI.md as the commands define them."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from enum import Enum
@@ -171,6 +172,22 @@ def test_help_and_version_do_not_import_torch():
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "Usage: ders compress" in proc.stdout
+
+
+@pytest.mark.parametrize("env, want", [(None, "1"), ("0", "0")])
+def test_the_ders_process_asks_torch_for_huge_pages_unless_told_otherwise(env, want):
+    # main() sets it before anything imports torch (whose allocator reads it once); the user's
+    # own setting wins.
+    code = ("import os, sys\nimport ders_cli.cli.main as m\n"
+            "m.run = lambda: print(os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)"
+            " or 0\nm.main()\n")
+    environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env is not None:
+        environ["THP_MEM_ALLOC_ENABLE"] = env
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=environ)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [want, "False"]
 
 
 def test_docs_cli_md_is_current():

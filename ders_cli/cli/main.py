@@ -30,7 +30,14 @@ def main() -> NoReturn:
     By then every output is written, synced and closed (each command does that inside its own
     ``with`` blocks); what finalization would still do is unregister torch's operator libraries
     one by one (measured: 0.5-1.2 s of CPU and wall after ``import torch``, on every command).
+
+    Before torch is imported, its CPU allocator is asked for transparent huge pages
+    (``THP_MEM_ALLOC_ENABLE``, unless the environment says otherwise): a fresh tensor of a
+    group's members then costs 2 MB page faults, not 4 KB ones. Measured on ``verify`` at
+    1.4 GB: 1.2 M minor page faults became 0.3 M, and system CPU fell from 3.3-3.5 s to 2.4-2.5
+    s, with the same peak memory (the heaps are still trimmed after every group).
     """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     _finish(run())
 
 
