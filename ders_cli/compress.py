@@ -237,7 +237,7 @@ def compress_checkpoint(ckpt: Checkpoint, source: TensorSource,
             max_shard_size=limit,
             shard_reserve=reserve if reserve is not None else estimate_table(ckpt, found),
             digest=hashing,
-        ) as writer, computing(workers, sum(g.numel * len(g.members) for g in found.groups)) \
+        ) as writer, computing(workers, sum(g.elements for g in found.groups)) \
                 as pool:
             asked = settings_record(spec, base=base_label(base, matcher and matcher.dense),
                                     threshold=threshold, use_shared=use_shared,

@@ -116,8 +116,8 @@ def inspect_model(model: str | Path, *, base: str | Path = "mean",
                 cos_to_base, rel = loaded.stats()
                 upcycled = loaded.min_cos >= threshold
                 final[g.key] = g if upcycled else None
-                report.expert_params += g.numel * n
-                report.upcycled_params += g.numel * n if upcycled else 0
+                report.expert_params += g.elements
+                report.upcycled_params += g.elements if upcycled else 0
                 report.groups.append(GroupReport(
                     key=g.key, tensors=[m.label for m in g.members], num_experts=n,
                     layer=layer_of(g.members[0].tensor), shape=list(g.shape), dtype=g.dtype,

@@ -7,6 +7,7 @@ checks every field and cross-reference before anything trusts it (docs/FORMAT.md
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +68,30 @@ def tensors_of(members: tuple[Member, ...]) -> list[str]:
     return list(dict.fromkeys(m.tensor for m in members))
 
 
+class _SameShape:
+    """What a group found in a checkpoint and a group recorded in an archive both are: members
+    of one shape (the dataclasses below declare the fields)."""
+
+    members: tuple[Member, ...]
+    shape: tuple[int, ...]  # of one member
+
+    @property
+    def tensors(self) -> list[str]:
+        return tensors_of(self.members)
+
+    @property
+    def numel(self) -> int:
+        """Elements of one member."""
+        return math.prod(self.shape)
+
+    @property
+    def elements(self) -> int:
+        """Elements of all the members: the work of encoding or synthesizing them."""
+        return self.numel * len(self.members)
+
+
 @dataclass(frozen=True)
-class ExpertGroup:
+class ExpertGroup(_SameShape):
     """Experts that share an init: same dtype and shape, in expert order."""
 
     key: str  # the member names with the expert index replaced by {E}
@@ -78,19 +101,8 @@ class ExpertGroup:
     shape: tuple[int, ...]  # of one member
 
     @property
-    def tensors(self) -> list[str]:
-        return tensors_of(self.members)
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
     def nbytes(self) -> int:
-        return len(self.members) * self.numel * DTYPE_BITS[self.dtype] // 8
+        return self.elements * DTYPE_BITS[self.dtype] // 8
 
 
 @dataclass(frozen=True)
@@ -117,7 +129,7 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
-class GroupRecord:
+class GroupRecord(_SameShape):
     key: str
     members: tuple[Member, ...]
     dtype: str
@@ -128,17 +140,6 @@ class GroupRecord:
     recon_digest: tuple[str, ...]  # of each synthesized member, so synthesis is checked too
     rel_error: tuple[float, ...]  # ||W - W_hat|| / ||W|| measured when the archive was written
     cos: tuple[float, ...]
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
-
-    @property
-    def tensors(self) -> list[str]:
-        return tensors_of(self.members)
 
     @property
     def base_encoding(self) -> str:
@@ -161,7 +162,7 @@ class Manifest:
     @property
     def member_elements(self) -> int:
         """Elements of all the groups' members: the work of synthesizing them all."""
-        return sum(g.numel * len(g.members) for g in self.groups)
+        return sum(g.elements for g in self.groups)
 
     @property
     def digest(self) -> Digest:
