@@ -4,10 +4,16 @@ Upcycled experts have cosines of 0.9999 and more, so ``1 - cos`` is what carries
 information. Computing ``a.b / (|a||b|)`` loses it to rounding; instead every cosine here comes
 from three norms, ``cos = (|a|^2 + |b|^2 - |a-b|^2) / (2|a||b|)``, where ``|a-b|`` is the norm of
 a difference computed element-wise, exact where it matters. Norms are float32 reductions
-(cascade-summed by torch, relative error ~1e-7), combined in float64: six reliable decimals.
+(torch's ``vector_norm``), combined in float64. Their error grows with the size (measured on
+Gaussian data: 1.6e-6 relative at 2^18 elements, 8e-5 at 2^22; ``pair_norms`` sums chunks of
+2^18 instead), but the cosine's inputs err alike, and it keeps six decimals: on a 2^22-element
+upcycled member (delta 2% of the weights) it was 1.7e-7 from the float64 cosine, while the
+relative error ``|W - B| / |W|`` was off by 4e-4 of itself (0.020063 for 0.020072).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,6 +26,30 @@ _CHUNK_ELEMENTS = 1 << 23  # float64 scratch for pairwise products: at most 64 M
 
 def norm(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x))
+
+
+# Elements per step of ``pair_norms``: float32 copies of 1 MB stay in cache, where a member's
+# worth (16 MB per worker per copy) went to memory and stayed resident between members.
+PAIR_CHUNK = 1 << 18
+
+
+def pair_norms(a: torch.Tensor, b: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor]
+               ) -> tuple[float, float, float]:
+    """|a|, |b| and |b - a| of two tensors of one size (any float dtype), computed in the
+    dtype of ``scratch`` (two flat buffers of at most ``PAIR_CHUNK`` elements) a chunk at a
+    time: each chunk's float32 norm, their squares summed in float64. The chunks do not
+    depend on the buffers' size, so the figures are the same on any thread."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    n = a.numel()
+    sa = sb = sd = 0.0
+    for start in range(0, n, PAIR_CHUNK):
+        stop = min(n, start + PAIR_CHUNK)
+        x = scratch[0][: stop - start].copy_(a[start:stop])
+        y = scratch[1][: stop - start].copy_(b[start:stop])
+        sa += norm(x) ** 2
+        sb += norm(y) ** 2
+        sd += norm(y.sub_(x)) ** 2
+    return math.sqrt(sa), math.sqrt(sb), math.sqrt(sd)
 
 
 def cos_from_norms(a: float, b: float, diff: float) -> float:

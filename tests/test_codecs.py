@@ -17,7 +17,7 @@ from ders_cli.digests import DEFAULT as DIGEST
 from ders_cli.groups import synthesize
 from ders_cli.records import ExpertGroup, Member
 from ders_cli.safetensors_io import TORCH_DTYPES, tensor_bytes
-from ders_cli.stats import mean_base
+from ders_cli.stats import PAIR_CHUNK, mean_base, pair_norms
 
 FLOATS = ["F32", "F16", "BF16", "F64"]
 shapes = st.tuples(st.integers(1, 24), st.integers(1, 40))
@@ -242,3 +242,19 @@ def test_sparse_variants_round_trip(n_members, shape, dtype, seed, spec):
             eps = float(torch.finfo(members.dtype).eps)
             assert float((w_hat.to(cd) - w).norm()) <= float(drop_err) * 1.01 + \
                 4 * eps * float(w.norm())
+
+
+@pytest.mark.parametrize("n", [1, 1000, PAIR_CHUNK, 2 * PAIR_CHUNK + 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_pair_norms_are_the_norms_in_chunks(n, dtype):
+    gen = torch.Generator().manual_seed(n)
+    a = torch.randn(n, generator=gen).to(dtype)
+    b = (a.float() + 0.01 * torch.randn(n, generator=gen)).to(dtype)
+    size = min(n, PAIR_CHUNK)
+    got = pair_norms(a, b, (torch.empty(size), torch.empty(size)))
+    want = [float(t.double().norm()) for t in (a, b, b.double() - a.double())]
+    # A float32 norm of 2^18 elements is good to a few parts in a million (torch's vectorized
+    # sum): so is each chunk's, and the sum of their squares adds nothing to it.
+    assert got == pytest.approx(want, rel=2e-5)
+    bigger = (torch.full((PAIR_CHUNK,), float("nan")), torch.full((PAIR_CHUNK,), float("nan")))
+    assert pair_norms(a, b, bigger) == got  # the same chunks whatever the scratch
