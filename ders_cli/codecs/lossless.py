@@ -176,7 +176,10 @@ class _Ranked:
     cuts: list[int]
 
 
-_RANKED: deque[_Ranked] = deque(maxlen=4)  # a group or a few in flight
+# The ranks of the group being coded, whose members share its base: commands code one group
+# at a time (the next one is only read meanwhile). Four were kept before, three of them stale:
+# at 1.4 GB that was 72 MB of bases and ranks held for nothing, up to a gigabyte for large ones.
+_RANKED: deque[_Ranked] = deque(maxlen=1)
 _RANKED_BYTES = 1 << 30  # bases larger than a third of this are ranked for every member
 _RANKED_LOCK = threading.Lock()
 
