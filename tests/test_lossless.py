@@ -369,3 +369,44 @@ def test_the_vectors_of_the_specification():
     assert content == bytes.fromhex("0001020100fd0000")
     assert lossless_member(words_of(base).tolist(), [0, 0xFD01, 2, 1], "BF16") == [
         0x3F81, 0x3F00, 0x3FFF, 0xBF40]
+
+
+def test_a_base_is_ranked_once_by_workers_that_meet_it_together(monkeypatch):
+    import threading
+
+    from ders_cli.codecs import lossless
+
+    calls = []
+    rank = lossless._rank
+    monkeypatch.setattr(lossless, "_rank", lambda *a: calls.append(1) or rank(*a))
+    monkeypatch.setattr(lossless, "_RANKED", type(lossless._RANKED)(maxlen=1))
+    base = np.random.default_rng(5).integers(0, 1 << 16, 1 << 16, dtype=np.uint16)
+    start = threading.Barrier(4)
+    found = []
+
+    def worker() -> None:
+        start.wait()
+        found.append(lossless._ranked(base, "BF16"))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and all(f is found[0] for f in found)
+    changed = base.copy()
+    changed[-1] ^= 1  # the same shape, other words: ranked again, never served stale ranks
+    assert lossless._ranked(changed, "BF16") is not found[0] and len(calls) == 2
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 3 * 4096 + 5])
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64])
+def test_same_words_sees_any_one_word_changed(n, dtype):
+    from ders_cli.codecs.lossless import _same_words
+
+    a = np.arange(n, dtype=dtype)
+    assert _same_words(a, a.copy())
+    for k in sorted({0, n // 2, 4095, 4096, n - 1} & set(range(n))):
+        b = a.copy()
+        b[k] ^= dtype(1 << (8 * a.itemsize - 1))  # the top bit: no sum or wrap can hide it
+        assert not _same_words(a, b), k
