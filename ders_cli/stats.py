@@ -18,7 +18,7 @@ import math
 import torch
 
 from .constants import PAIRWISE_EXACT_BUDGET, PAIRWISE_SAMPLE
-from .lanes import Workers
+from .lanes import Workers, thread_buffer
 from .profile import stage
 
 _CHUNK_ELEMENTS = 1 << 23  # float64 scratch for pairwise products: at most 64 MB
@@ -33,14 +33,17 @@ def norm(x: torch.Tensor) -> float:
 PAIR_CHUNK = 1 << 18
 
 
-def pair_norms(a: torch.Tensor, b: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor]
+def pair_norms(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
                ) -> tuple[float, float, float]:
-    """|a|, |b| and |b - a| of two tensors of one size (any float dtype), computed in the
-    dtype of ``scratch`` (two flat buffers of at most ``PAIR_CHUNK`` elements) a chunk at a
-    time: each chunk's float32 norm, their squares summed in float64. The chunks do not
-    depend on the buffers' size, so the figures are the same on any thread."""
+    """|a|, |b| and |b - a| of two tensors of one size (any float dtype), computed in
+    ``dtype`` a chunk of ``PAIR_CHUNK`` elements at a time, in this thread's buffers (kept from
+    call to call: fresh ones cost more in page faults than the arithmetic): each chunk's norm,
+    their squares summed in float64. The same figures on any thread."""
     a, b = a.reshape(-1), b.reshape(-1)
     n = a.numel()
+    size = min(n, PAIR_CHUNK)
+    scratch = (thread_buffer("pair-a", size, dtype, a.device),
+               thread_buffer("pair-b", size, dtype, a.device))
     sa = sb = sd = 0.0
     for start in range(0, n, PAIR_CHUNK):
         stop = min(n, start + PAIR_CHUNK)

@@ -29,7 +29,7 @@ from .profile import stage
 from .progress import Reporter, Silent
 from .records import GroupRecord
 from .safetensors_io import tensor_bytes, tensor_nbytes
-from .stats import PAIR_CHUNK, cos_from_norms, pair_norms
+from .stats import cos_from_norms, pair_norms
 
 
 @dataclass
@@ -254,14 +254,10 @@ def _check_group(reader: ArchiveReader, f: _Fetched, report: VerifyReport,
         if f.original is None:
             return same, False, rel[i], cos[i]
         with stage("measure"):
-            # In this thread's buffers, kept from member to member: a fresh tensor per step
-            # cost more in page faults than the arithmetic on it. Chunks of the member, not
-            # all of it: 2 MB per worker instead of 32 (verify's figures are reported, not
-            # recorded: they need not be the encoder's float32 reductions bit for bit).
-            size = min(w_hat.numel(), PAIR_CHUNK)
-            w_norm, h_norm, e_norm = pair_norms(
-                f.original[i], w_hat, (thread_buffer("verify-w", size, cd),
-                                       thread_buffer("verify-h", size, cd)))
+            # Chunks of the member, not all of it: 2 MB per worker instead of 32 (verify's
+            # figures are reported, not recorded: they need not be the encoder's float32
+            # reductions bit for bit).
+            w_norm, h_norm, e_norm = pair_norms(f.original[i], w_hat, cd)
             # A NaN or an infinity makes the norm non-finite (so can squares that overflow:
             # then the exact test decides).
             if not math.isfinite(w_norm) and not all_finite(f.original[i]):

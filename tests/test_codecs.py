@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -250,11 +252,14 @@ def test_pair_norms_are_the_norms_in_chunks(n, dtype):
     gen = torch.Generator().manual_seed(n)
     a = torch.randn(n, generator=gen).to(dtype)
     b = (a.float() + 0.01 * torch.randn(n, generator=gen)).to(dtype)
-    size = min(n, PAIR_CHUNK)
-    got = pair_norms(a, b, (torch.empty(size), torch.empty(size)))
+    got = pair_norms(a, b, torch.float32)
     want = [float(t.double().norm()) for t in (a, b, b.double() - a.double())]
     # A float32 norm of 2^18 elements is good to a few parts in a million (torch's vectorized
     # sum): so is each chunk's, and the sum of their squares adds nothing to it.
     assert got == pytest.approx(want, rel=2e-5)
-    bigger = (torch.full((PAIR_CHUNK,), float("nan")), torch.full((PAIR_CHUNK,), float("nan")))
-    assert pair_norms(a, b, bigger) == got  # the same chunks whatever the scratch
+    # The same figures whatever this thread's buffers held, and on another thread.
+    nan = torch.full((n,), float("nan"))
+    pair_norms(nan, nan, torch.float32)
+    assert pair_norms(a, b, torch.float32) == got
+    other = ThreadPoolExecutor(1).submit(pair_norms, a, b, torch.float32).result()
+    assert other == got
