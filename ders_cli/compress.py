@@ -7,6 +7,7 @@ the next is read.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +38,7 @@ from .device import resolve_device
 from .errors import InputError, UsageError
 from .grouping import Fetched, LoadedGroup, fetch_group, non_finite, prepare_group
 from .groups import Prefetch, TensorSource
-from .hub import HubOptions
+from .hub import HubOptions, check_repo_id
 from .lanes import Lane, Workers, computing, release_memory, resolve_workers
 from .outputs import check_new_output, output_path, sweep_leftovers, writing
 from .plan import estimate_header, estimate_table, units
@@ -123,7 +124,8 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
              cache_dir: str | Path | None = None,
              calibration: CalibrationSpec | Statistics | str | Path | None = None,
              command: Sequence[str] | None = None,
-             folder: bool | None = None, digest: str = digests.DEFAULT.name) -> CompressResult:
+             folder: bool | None = None, digest: str = digests.DEFAULT.name,
+             repo_id: str | None = None) -> CompressResult:
     """Write a .ders archive of ``model`` with ``spec``: one setting (SparseSpec, QuantSpec,
     LosslessSpec, LowRankSpec) or one chosen per group (TargetSpec: --max-error,
     --target-size).
@@ -145,6 +147,8 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
     config.json with its quantization_config, the side files as plain files and a model card;
     ders_cli.publish), which ``hf upload`` takes as it is and ``from_pretrained`` loads after
     ``import ders_cli``; its archive is ``model.ders.safetensors`` (sharded: its index).
+    ``repo_id`` (NAMESPACE/NAME): the repo the folder is meant for, which its card's snippets
+    load (without it, a placeholder the card explains).
 
     ``workers``: threads that encode the members of a group in parallel (default: every core
     this process may use); the archive is the same whatever their number.
@@ -170,10 +174,17 @@ def compress(model: str | Path, spec: CodecSpec | TargetSpec | None,
         folder = out is not None and is_folder_output(out)
     elif folder and out is None:
         raise UsageError("folder=True needs out: the folder to write", param="out")
+    if repo_id is not None:
+        if not folder:
+            raise UsageError("repo_id names the Hub repo a Hub-ready folder is uploaded to, "
+                             "for its model card: write one (out with a trailing slash, "
+                             "-o DIR/)", param="repo_id")
+        check_repo_id(repo_id)
     hub = HubOptions(revision, token, cache_dir)
     ckpt = open_checkpoint(model, hub)
     dest = Path(out) if out is not None else default_archive_path(ckpt, model)
-    write = compress_folder if folder else compress_checkpoint
+    write = (functools.partial(compress_folder, repo_id=repo_id) if folder
+             else compress_checkpoint)
     with ckpt.open() as files:
         return write(ckpt, files, spec, dest, base=base, threshold=threshold,
                      use_shared=use_shared, all_groups=all_groups, overwrite=overwrite,

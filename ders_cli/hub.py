@@ -74,6 +74,22 @@ def split_spec(spec: str, revision: str | None = None) -> tuple[str, str | None,
     return repo, file, (rev if at else revision)
 
 
+def check_repo_id(repo_id: str, param: str = "repo_id") -> str:
+    """``repo_id`` if it is a repo id others can load from the Hub: NAMESPACE/NAME, by
+    huggingface_hub's rules (characters, length); else a UsageError naming ``param``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        valid = bool(_REPO_ID.match(repo_id))
+    except HFValidationError:
+        valid = False
+    if not valid:
+        raise UsageError(f"{param} must be a Hub repo id, NAMESPACE/NAME (letters, digits, "
+                         f"'-', '_', '.'), got {repo_id!r}", param=param)
+    return repo_id
+
+
 def is_repo_id(spec: str | Path) -> bool:
     try:
         split_spec(str(spec))

@@ -123,10 +123,11 @@ def check_folder_output(ckpt: Checkpoint, dest: Path, named: str | Path) -> None
 
 
 def fill_folder(build: BuildDir, result: CompressResult, ckpt: Checkpoint,
-                folder_name: str) -> None:
+                folder_name: str, repo_id: str | None = None) -> None:
     """Write everything but the archive into the folder being built: the side files as plain
     files (copied from the archive just written and checked against its checksum, so they are
-    the bytes it holds), config.json with its quantization_config, and the model card."""
+    the bytes it holds), config.json with its quantization_config, and the model card (whose
+    snippets name ``repo_id``, the repo the folder is meant for, when given)."""
     from .hf.quantizer import folder_config
 
     archive = Path(result.archive)
@@ -144,7 +145,7 @@ def fill_folder(build: BuildDir, result: CompressResult, ckpt: Checkpoint,
                            setting=result.setting)
     _write(build, CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     card = model_card(ckpt, result, archive.name, folder_name, errors, cosines, writer,
-                      plain_bytes=_plain_bytes(build))
+                      plain_bytes=_plain_bytes(build), repo_id=repo_id)
     _write(build, CARD, card)
 
 
@@ -215,10 +216,12 @@ def _front_matter(meta: dict[str, Any]) -> str:
 
 def model_card(ckpt: Checkpoint, result: CompressResult, archive: str, folder: str,
                errors: Sequence[float], cosines: Sequence[float], writer: dict,
-               plain_bytes: int = 0) -> str:
+               plain_bytes: int = 0, repo_id: str | None = None) -> str:
     """The folder's README.md: the Hub's metadata header, what was compressed and how, the
-    sizes and the error measured when it was written, and how to load and expand it."""
-    repo = f"YOUR-ORG/{folder}"
+    sizes and the error measured when it was written, and how to load and expand it. Its
+    snippets load ``repo_id`` (the repo the folder is uploaded to); without it, a placeholder
+    the card explains."""
+    repo = repo_id or f"YOUR-ORG/{folder}"
     if ckpt.repo_id:
         at = f" at revision `{ckpt.revision}`" if ckpt.revision else ""
         source = f"[{ckpt.repo_id}](https://huggingface.co/{ckpt.repo_id}){at}"
@@ -250,6 +253,10 @@ def model_card(ckpt: Checkpoint, result: CompressResult, archive: str, folder: s
             else "the checkpoint with every expert synthesized as the model computes it")
     kind = ("an index and safetensors shards" if archive.endswith(".index.json")
             else "one safetensors file")
+    upload = (f"This folder is uploaded with `hf upload {repo} {folder}/`; on disk, its\n"
+              f"path works wherever `{repo}` does." if repo_id else
+              f"`{repo}` stands for the repo id this folder is uploaded to\n"
+              f"(`hf upload {repo} {folder}/`), or the folder's path on disk.")
     return f"""{_front_matter(card_metadata(ckpt))}
 
 # {folder}
@@ -300,8 +307,7 @@ ders expand {repo} -o {ckpt.name}/
 ders verify {repo}
 ```
 
-`{repo}` stands for the repo id this folder is uploaded to
-(`hf upload {repo} {folder}/`), or the folder's path on disk.
+{upload}
 """
 
 
@@ -317,12 +323,13 @@ def _size(n: int) -> str:
 
 def compress_folder(ckpt: Checkpoint, source: Any, spec: Any, out: str | Path, *,
                     overwrite: bool = False, named: str | Path | None = None,
-                    reporter: Any = None, **options: Any) -> CompressResult:
+                    reporter: Any = None, repo_id: str | None = None,
+                    **options: Any) -> CompressResult:
     """``compress`` into a Hub-ready folder ``out`` (new, empty, or with ``overwrite`` a
     folder whose other files stay): the archive streamed into the folder being built,
-    then its plain files, config.json and card; moved into place whole. ``options`` as
-    ``compress_checkpoint``. The result's ``archive`` is the folder (every command opens it),
-    ``files`` the archive's files in it."""
+    then its plain files, config.json and card (naming ``repo_id``); moved into place whole.
+    ``options`` as ``compress_checkpoint``. The result's ``archive`` is the folder (every
+    command opens it), ``files`` the archive's files in it."""
     from .compress import compress_checkpoint
     from .hf.quantizer import ARCHIVE_NAME
     from .outputs import BuildDir, check_new_output, output_path, sweep_leftovers, writing
@@ -342,7 +349,7 @@ def compress_folder(ckpt: Checkpoint, source: Any, spec: Any, out: str | Path, *
         names = [Path(f).name for f in result.files]
         for name in names:
             build.adopt(name)
-        fill_folder(build, result, ckpt, dest.name)
+        fill_folder(build, result, ckpt, dest.name, repo_id)
         build.commit(replaces=stale_archive_files(dest, names))
     result.archive = dest
     result.files = [str(dest / name) for name in names]

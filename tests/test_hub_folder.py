@@ -146,6 +146,45 @@ def test_the_card_holds_the_measured_figures_and_the_hubs_metadata(model, tmp_pa
         assert text in body, text
 
 
+def test_the_card_loads_the_repo_the_folder_is_meant_for(model, tmp_path):
+    plain = (tmp_path / "plain")
+    r = runner.invoke(app, ["compress", str(model), "--drop", "0.9", "-o", f"{plain}/"])
+    assert r.exit_code == 0, r.output
+    assert "hf upload ORG/plain" in r.stdout and "--repo-id ORG/plain names it" in r.stdout
+    assert "YOUR-ORG/plain" in (plain / "README.md").read_text()  # a placeholder it explains
+    out = tmp_path / "named"
+    r = runner.invoke(app, ["compress", str(model), "--drop", "0.9", "-o", f"{out}/",
+                            "--repo-id", "me/moe-ders"])
+    assert r.exit_code == 0, r.output
+    assert "upload it as it is: hf upload me/moe-ders" in r.stdout
+    card = (out / "README.md").read_text()
+    assert "YOUR-ORG" not in card
+    assert 'from_pretrained("me/moe-ders"' in card and 'load_from_archive("me/moe-ders")' in card
+    assert "ders expand me/moe-ders" in card and "hf upload me/moe-ders named/" in card
+    # The library takes it as repo_id; the archive does not depend on it.
+    ders.compress(model, ders.SparseSpec(drop=0.9), f"{tmp_path}/lib/", repo_id="me/x")
+    assert 'from_pretrained("me/x"' in (tmp_path / "lib" / "README.md").read_text()
+    assert tree(tmp_path / "lib")["model.ders.safetensors"] == tree(out)["model.ders.safetensors"]
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--repo-id", "me/x"], "--repo-id names the Hub repo a Hub-ready folder"),  # not a folder
+    (["--repo-id", "moe-ders", "-o", "F/"], "--repo-id must be a Hub repo id, NAMESPACE/NAME"),
+    (["--repo-id", "me/a b", "-o", "F/"], "--repo-id must be a Hub repo id"),
+    (["--repo-id", "me/../x", "-o", "F/"], "--repo-id must be a Hub repo id"),
+    (["--repo-id", "me/x)](http://evil", "-o", "F/"], "--repo-id must be a Hub repo id"),
+])
+def test_a_repo_id_that_cannot_name_the_folders_repo_is_refused_before_any_work(
+        model, tmp_path, args, why):
+    args = [a.replace("F/", f"{tmp_path}/f/") for a in args]
+    before = tree(tmp_path)
+    r = runner.invoke(app, ["compress", str(model), "--drop", "0.9", *args])
+    assert r.exit_code == 2, r.output
+    assert why in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert tree(tmp_path) == before and not (tmp_path / "f").exists()
+    assert not list(model.parent.glob("*.ders"))  # no archive beside the model either
+
+
 def test_without_ders_transformers_refuses_the_folder_naming_ders(model, tmp_path):
     out = tmp_path / "plain"
     compress_to_folder(model, out, "--drop", "0.9")

@@ -32,6 +32,7 @@ from .options import (
     ModelArg,
     NoSharedOpt,
     QuietOpt,
+    RepoIdOpt,
     Rescale,
     RevisionOpt,
     ThresholdOpt,
@@ -65,7 +66,8 @@ COMPRESS_EXAMPLES = examples(
     "ders compress ./moe --max-error 0.005               # per group the cheapest within it",
     "ders compress ./moe --drop 0.9 --calibration ./text # kept values fitted to the outputs",
     "ders compress org/moe --revision v1 --target-size 25% -o moe.ders",
-    "ders compress org/moe --drop 0.9 -o moe-ders/       # a Hub-ready folder: hf upload it")
+    "ders compress org/moe --drop 0.9 -o moe-ders/       # a Hub-ready folder: hf upload it",
+    "ders compress org/moe --drop 0.9 -o moe-ders/ --repo-id me/moe-ders  # the card loads it")
 QUANTIZE_EXAMPLES = examples(
     "ders quantize ./moe --bits 2",
     "ders quantize ./moe --bits 1 --calibration ./text   # GPTQ on the deltas",
@@ -113,6 +115,7 @@ def compress_cmd(
         help="Instead of --drop: the archive's size as a share of the checkpoint (25% or "
              "0.25); a setting is chosen per group.")] = None,
     out_path: ArchiveOut = None,
+    repo_id: RepoIdOpt = None,
     mask: Annotated[Mask, typer.Option(
         "--mask", help="With --drop: random, the paper's seeded mask (nothing stored but a "
                        "seed); magnitude, the largest deltas (positions stored).")] = Mask.random,
@@ -180,7 +183,7 @@ def compress_cmd(
     _run(model, spec, out_path, json, quiet, base=base, threshold=threshold,
          use_shared=not no_shared, all_groups=all_groups, device=device, overwrite=force,
          max_shard_size=max_shard_size, workers=workers, revision=revision, token=token,
-         cache_dir=cache_dir, digest=digest.value,
+         cache_dir=cache_dir, digest=digest.value, repo_id=repo_id,
          calibration=_calibration(calibration, calibration_tokens, calibration_seq_len))
 
 
@@ -190,6 +193,7 @@ def quantize_cmd(
     bits: Annotated[int, typer.Option(
         "--bits", metavar="K", help="Bits per delta element: 1, 2, 3, 4 or 8.")],
     out_path: ArchiveOut = None,
+    repo_id: RepoIdOpt = None,
     group_size: GroupSizeOpt = DEFAULT_GROUP_SIZE,
     method: MethodOpt = DEFAULT_METHOD,
     calibration: CalibrationOpt = None,
@@ -222,7 +226,7 @@ def quantize_cmd(
     _run(model, QuantSpec(bits, group_size, method.value), out_path, json, quiet, base=base,
          threshold=threshold, use_shared=not no_shared, all_groups=all_groups, device=device,
          overwrite=force, max_shard_size=max_shard_size, workers=workers, revision=revision,
-         token=token, cache_dir=cache_dir, digest=digest.value,
+         token=token, cache_dir=cache_dir, digest=digest.value, repo_id=repo_id,
          calibration=_calibration(calibration, calibration_tokens, calibration_seq_len))
 
 
@@ -264,10 +268,11 @@ def _run(model: str, spec: CodecSpec | SparseSpec | TargetSpec, out_path: str | 
         doc["seconds"] = time.perf_counter() - start
         print_json(doc)
     else:
-        show(result, time.perf_counter() - start)
+        repo_id = options.get("repo_id")
+        show(result, time.perf_counter() - start, repo_id if isinstance(repo_id, str) else None)
 
 
-def show(r: CompressResult, seconds: float) -> None:
+def show(r: CompressResult, seconds: float, repo_id: str | None = None) -> None:
     title = f"{escape(r.setting)}: expert groups"
     calibrated = r.calibration is not None
     if calibrated:
@@ -299,8 +304,9 @@ def show(r: CompressResult, seconds: float) -> None:
         out.print(f"wrote [bold]{shown(r.archive)}/[/] (a Hub-ready folder): archive "
                   f"{human_bytes(r.archive_bytes)}, {r.ratio:.1%} of "
                   f"{human_bytes(r.input_bytes)}, in {seconds:.1f} s")
-        out.print(f"upload it as it is: hf upload ORG/{escape(r.archive.name)} "
-                  f"{shown(r.archive)}")
+        repo = repo_id or f"ORG/{r.archive.name}"
+        out.print(f"upload it as it is: hf upload {escape(repo)} {shown(r.archive)}"
+                  + ("" if repo_id else f" (--repo-id {escape(repo)} names it in the card)"))
         return
     out.print(f"wrote [bold]{shown(r.archive)}[/]: {human_bytes(r.archive_bytes)}, "
               f"{r.ratio:.1%} of {human_bytes(r.input_bytes)}, in {seconds:.1f} s")

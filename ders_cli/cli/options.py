@@ -51,6 +51,10 @@ ArchiveArg = Annotated[str, typer.Argument(
     help="A .ders archive: its file, a sharded archive's index (or the name it was written "
          "to), a folder holding one (a ders folder), or a Hugging Face Hub repo id (org/name, "
          "org/name/FILE for one of several).")]
+RepoIdOpt = Annotated[str | None, typer.Option(
+    "--repo-id", metavar="NAMESPACE/NAME", show_default=False,
+    help="With -o DIR/: the Hub repo the folder will be uploaded to, which its model card's "
+         "snippets load (default: a placeholder, YOUR-ORG/DIR).")]
 RevisionOpt = Annotated[str | None, typer.Option(
     "--revision", metavar="REV", show_default=False,
     help="For a Hub repo id: the branch, tag or commit to read (default: main).")]
