@@ -389,3 +389,89 @@ def test_quant_bf16_synthesis_kernels_are_torchs(bits, n, group_size, kernels):
     kernels("never")
     plain = synthesize(base, "quant", params, rows, 0, "BF16", base_c, torch.empty_like(base))
     assert torch.equal(_bits(fast), _bits(plain))
+
+
+# --- GPTQ's columns (ders_cli.calibration.solve) ---------------------------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 24), cols=st.sampled_from([8, 64, 200]),
+       bits=st.sampled_from([1, 2, 3, 4, 8]), g=st.sampled_from([8, 32, 64]),
+       member=st.sampled_from([None, torch.float32, torch.bfloat16]),
+       grid=st.sampled_from([None, 1.0 / 16]))
+def test_gptq_block_kernel_is_the_torch_loop(seed, rows, cols, bits, g, member, grid):
+    """The codes of every round of a calibrated quantizer, bit for bit, with the member's
+    rounding (float32, bfloat16) fed back or not, near-ties on a grid included, and groups
+    whose scale is zero."""
+    from ders_cli.calibration import solve
+    from ders_cli.codecs import jit
+
+    gen = torch.Generator().manual_seed(seed)
+    delta = torch.randn(rows * cols, generator=gen) * 0.01
+    if grid is not None:
+        delta = torch.round(delta / (grid * 0.01)) * (grid * 0.01)
+    delta[:g] = delta[0]  # a flat group: scale 0
+    x = torch.randn(4 * cols, cols, generator=gen) * torch.rand(cols, generator=gen)
+    h = x.T @ x
+    base = None
+    if member is not None:
+        base = (torch.randn(rows * cols, generator=gen) * 0.02).to(member).float()
+    _, scale, offset, _ = quant.quantize(delta.clone(), bits, g, "rtn")
+    offset = None if offset is None else offset.float()
+    runs = []
+    for mode in ("always", "never"):
+        before = jit.set_mode(mode)
+        try:
+            runs.append(solve.quantize_calibrated(delta, h, bits, g, offset, scale.float(),
+                                                  base=base, dtype=member))
+        finally:
+            jit.set_mode(before)
+    for got, want in zip(*runs, strict=True):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert torch.equal(_bits(got), _bits(want))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 24), width=st.integers(1, 40),
+       bits=st.sampled_from([1, 2, 4]), member=st.sampled_from([None, torch.float32,
+                                                                 torch.bfloat16]))
+def test_gptq_block_kernel_leaves_the_block_and_errors_of_the_torch_loop(seed, rows, width,
+                                                                         bits, member):
+    """One block, every intermediate compared: the columns' errors and the block after the
+    feedback, not only the codes (which a last-bit difference in the feedback rarely moves)."""
+    from ders_cli.calibration import solve
+
+    gen = torch.Generator().manual_seed(seed)
+    block = torch.randn(rows, width, generator=gen) * 0.01
+    x = torch.randn(3 * width, width, generator=gen)
+    fb = solve._inverse_factor(solve.damped(x.T @ x).double()).float()
+    groups = 5
+    gid = torch.randint(0, groups, (rows, width), generator=gen)
+    scale = (torch.rand(groups, generator=gen) * 0.004).to(torch.bfloat16).float()
+    scale[0] = 0.0
+    offset = (-torch.rand(groups, generator=gen) * 0.02).to(torch.bfloat16).float()
+    offset[0] = -2.0  # scale 0: a code of 0 whatever the division by the safe scale says
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    base = None if member is None else (torch.randn(rows, width, generator=gen) * 0.02).to(
+        member).float()
+    levels = (1 << bits) - 1
+    want_block, want_errs = block.clone(), torch.empty_like(block)
+    want_codes = torch.empty_like(block)
+    zero = torch.zeros(width, dtype=torch.int64)
+    for i in range(width):
+        # The torch loop on column i alone (its group: row_start + order[c] with group size 1,
+        # here gid[:, i] + 0), then its feedback into the later columns, as the loop does it.
+        solve._torch_block(want_block[:, i:i + 1], fb[i:i + 1, i:i + 1], want_errs[:, i:i + 1],
+                           want_codes, i, gid[:, i], zero, offset, scale, safe, levels, bits, 1,
+                           base, member or torch.float32)
+        want_block[:, i + 1:] -= want_errs[:, i:i + 1] * fb[i:i + 1, i + 1:]
+    got_block, got_errs, got_codes = block.clone(), torch.empty_like(block), torch.empty_like(
+        block)
+    rounding = solve._BF16 if member == torch.bfloat16 else solve._NO_ROUNDING
+    solve._gptq_block(got_block.numpy(), fb.contiguous().numpy(), gid.numpy(), scale.numpy(),
+                      offset.numpy(), safe.numpy(), levels, bits,
+                      solve._EMPTY if base is None else base.numpy(), rounding,
+                      got_codes.numpy(), got_errs.numpy())
+    assert torch.equal(_bits(got_codes), _bits(want_codes))
+    assert torch.equal(_bits(got_errs), _bits(want_errs))
+    assert torch.equal(_bits(got_block), _bits(want_block))

@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..calibration.solve import quantize_calibrated
 from ..constants import (
     CODEC_QUANT,
     DEFAULT_GROUP_SIZE,
@@ -322,6 +321,9 @@ def quantize_calibrated_member(x: torch.Tensor, bits: int, group_size: int, meth
     n = x.numel()
     if calib is None or n == 0 or not calib.fits(n):
         return start
+    # Here, not at the top: the solver's kernels import this package (ders_cli.codecs.jit).
+    from ..calibration.solve import quantize_calibrated
+
     g = min(group_size, n)
     _, scale, offset, _ = start
     q, off, sc = quantize_calibrated(

@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..calibration.solve import sparse_values
 from ..constants import (
     CODEC_SPARSE,
     DEFAULT_GROUP_SIZE,
@@ -261,7 +260,10 @@ class SparseCodec(DeltaCodec):
             pos = top_magnitude(delta, keep)
         if calib is not None and calib.fits(numel):
             # Calibrated: the kept values that give the member's outputs best (least squares
-            # on its inputs), whatever the rescale asked for.
+            # on its inputs), whatever the rescale asked for. (Imported here: the solver's
+            # kernels import this package.)
+            from ..calibration.solve import sparse_values
+
             kept = sparse_values(delta, pos, calib.hessian.to(delta.device))
         else:
             # index_select and index_copy_: several times faster than advanced indexing.
