@@ -475,3 +475,30 @@ def test_gptq_block_kernel_leaves_the_block_and_errors_of_the_torch_loop(seed, r
     assert torch.equal(_bits(got_codes), _bits(want_codes))
     assert torch.equal(_bits(got_errs), _bits(want_errs))
     assert torch.equal(_bits(got_block), _bits(want_block))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 30), cols=st.sampled_from([4, 16, 50]),
+       frac=st.sampled_from([0.05, 0.3, 0.9]))
+def test_sparse_values_systems_kernel_is_torchs_gather(seed, rows, cols, frac):
+    """A calibrated --drop's kept values, bit for bit, rows keeping nothing or everything
+    included (their systems are padded with the identity)."""
+    from ders_cli.calibration import solve
+    from ders_cli.codecs import jit
+
+    gen = torch.Generator().manual_seed(seed)
+    delta = torch.randn(rows * cols, generator=gen) * 0.01
+    keep = torch.rand(rows * cols, generator=gen) < frac
+    keep[:cols] = False  # a row that keeps nothing
+    keep[-cols:] = True  # and one that keeps everything
+    positions = torch.nonzero(keep).reshape(-1)
+    x = torch.randn(3 * cols, cols, generator=gen)
+    h = x.T @ x
+    runs = []
+    for mode in ("always", "never"):
+        before = jit.set_mode(mode)
+        try:
+            runs.append(solve.sparse_values(delta, positions, h))
+        finally:
+            jit.set_mode(before)
+    assert torch.equal(_bits(runs[0]), _bits(runs[1]))

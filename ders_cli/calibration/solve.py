@@ -362,14 +362,42 @@ def sparse_values(delta: torch.Tensor, positions: torch.Tensor, h: torch.Tensor,
     # Rows in chunks: the systems are [chunk, k, k].
     chunk = max(1, (1 << 24) // max(1, k * k))
     eye = torch.eye(k, dtype=torch.float64, device=delta.device)
+    fused = hd.device.type == "cpu" and jit.wanted(rows * k * k)
     for a in range(0, rows, chunk):
         b = min(rows, a + chunk)
         ix, ok = idx[a:b], valid[a:b]
-        sys_ = hd[ix[:, :, None], ix[:, None, :]]
-        both = ok[:, :, None] & ok[:, None, :]
-        sys_ = torch.where(both, sys_, eye.expand_as(sys_))
+        if fused:
+            sys_ = torch.empty(b - a, k, k, dtype=torch.float64)
+            _systems(hd.numpy(), ix.numpy(), counts[a:b].numpy(), sys_.numpy())
+        else:
+            sys_ = hd[ix[:, :, None], ix[:, None, :]]
+            both = ok[:, :, None] & ok[:, None, :]
+            sys_ = torch.where(both, sys_, eye.expand_as(sys_))
         rhs = torch.where(ok, y[a:b].gather(1, ix), 0.0)
         v = torch.linalg.solve(sys_, rhs)
         sel = (r >= a) & (r < b)
         out[sel] = v[r[sel] - a, slot[sel]]
     return out.to(cd)
+
+
+# The rows' systems gathered from H in one pass, the padding an identity: what the advanced
+# indexing and the selection above give, copied value for value. Torch's gather of [chunk, k,
+# k] elements from H was a third of a calibrated --drop's time, and the selection another
+# tenth: on the SmolLM2 MoE of bench.small_model, `compress --drop 0.9` with 512 calibration
+# tokens took 55 s (84 s of CPU) with them and 42 s (64 s) with this, the same archive.
+@jit.kernel
+def _systems(h, idx, counts, out):  # pragma: no cover - compiled by numba
+    k = out.shape[1]
+    for b in range(out.shape[0]):
+        n = counts[b]
+        for i in range(k):
+            row = out[b, i]
+            if i < n:
+                hi = h[idx[b, i]]
+                for j in range(n):
+                    row[j] = hi[idx[b, j]]
+                for j in range(n, k):
+                    row[j] = 0.0
+            else:
+                for j in range(k):
+                    row[j] = 1.0 if i == j else 0.0
