@@ -465,16 +465,17 @@ def test_gptq_block_kernel_leaves_the_block_and_errors_of_the_torch_loop(seed, r
                            want_codes, i, gid[:, i], zero, offset, scale, safe, levels, bits, 1,
                            base, member or torch.float32)
         want_block[:, i + 1:] -= want_errs[:, i:i + 1] * fb[i:i + 1, i + 1:]
-    got_block, got_errs, got_codes = block.clone(), torch.empty_like(block), torch.empty_like(
-        block)
+    # The kernel's layout: a column per row.
+    got_block = block.T.contiguous()
+    got_errs, got_codes = torch.empty_like(got_block), torch.empty_like(got_block)
     rounding = solve._BF16 if member == torch.bfloat16 else solve._NO_ROUNDING
-    solve._gptq_block(got_block.numpy(), fb.contiguous().numpy(), gid.numpy(), scale.numpy(),
-                      offset.numpy(), safe.numpy(), levels, bits,
-                      solve._EMPTY if base is None else base.numpy(), rounding,
+    solve._gptq_block(got_block.numpy(), fb.contiguous().numpy(), gid.T.contiguous().numpy(),
+                      scale.numpy(), offset.numpy(), safe.numpy(), levels, bits,
+                      solve._EMPTY if base is None else base.T.contiguous().numpy(), rounding,
                       got_codes.numpy(), got_errs.numpy())
-    assert torch.equal(_bits(got_codes), _bits(want_codes))
-    assert torch.equal(_bits(got_errs), _bits(want_errs))
-    assert torch.equal(_bits(got_block), _bits(want_block))
+    assert torch.equal(_bits(got_codes.T), _bits(want_codes))
+    assert torch.equal(_bits(got_errs.T), _bits(want_errs))
+    assert torch.equal(_bits(got_block.T), _bits(want_block))
 
 
 @settings(max_examples=30, deadline=None)

@@ -111,14 +111,18 @@ def _gptq_codes(target: torch.Tensor, base: torch.Tensor | None, factor: torch.T
         errs = torch.empty_like(block)
         fb = factor[i1:i2, i1:i2]
         if kernel is not None:
-            gid = torch.div(row_start[:, None] + order[None, i1:i2], group_size,
+            # Transposed, a column per row: every step of the kernel reads and writes whole
+            # columns, in loops that vectorize.
+            columns = block.T.contiguous()
+            gid = torch.div(row_start[None, :] + order[i1:i2, None], group_size,
                             rounding_mode="floor")
-            got = torch.empty_like(block)
-            _gptq_block(block.numpy(), fb.contiguous().numpy(), gid.numpy(), scale.numpy(),
+            got, errs_t = torch.empty_like(columns), torch.empty_like(columns)
+            _gptq_block(columns.numpy(), fb.contiguous().numpy(), gid.numpy(), scale.numpy(),
                         (offset if offset is not None else scale).numpy(), safe.numpy(),
-                        levels, bits, _EMPTY if base is None else base[:, i1:i2].contiguous()
-                        .numpy(), kernel, got.numpy(), errs.numpy())
-            codes[:, i1:i2] = got
+                        levels, bits, _EMPTY if base is None else base[:, i1:i2].T.contiguous()
+                        .numpy(), kernel, got.numpy(), errs_t.numpy())
+            codes[:, i1:i2] = got.T
+            errs = errs_t.T.contiguous()  # the product below as before: a contiguous operand
         else:
             _torch_block(block, fb, errs, codes, i1, row_start, order, offset, scale, safe,
                          levels, bits, group_size, base, dtype)
@@ -173,57 +177,58 @@ def _block_kernel(w: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype
 
 
 # ``_torch_block`` compiled: every step the torch code's own, each rounded to float32 where it
-# rounds (no fused multiply-add), so the codes and errors are the same bits (tests/
-# test_kernels.py); the column's error is fed into the block's later columns row by row, in
-# one pass instead of a product and a subtraction over the whole block. The Python loop over
-# columns, a dozen small torch operations each, was two thirds of a calibrated quantize's time:
-# on the 400 MB SmolLM2 MoE of bench.small_model, `quantize --bits 2` with 512 calibration
-# tokens took 181 s (304 s of CPU) with it and 103 s (176 s) with this, the same archive.
+# rounds (no fused multiply-add), so the codes, errors and fed-back block are the same bits
+# (tests/test_kernels.py). The block is transposed, a column per row, so that each step is a
+# loop over a contiguous column that vectorizes. The Python loop over columns, a dozen small
+# torch operations each, was two thirds of a calibrated quantize's time: on the 400 MB SmolLM2
+# MoE of bench.small_model, `quantize --bits 2` with 512 calibration tokens took 151 s (250 s
+# of CPU) with it, 87 s (145 s) with this kernel on the block as it was, and 58 s (102 s)
+# transposed, the same archive each time (one run each, alternated).
 @jit.kernel
-def _gptq_block(block, fb, gid, scale, offset, safe, levels, bits, base, rounding, codes, errs
-                ):  # pragma: no cover - compiled by numba
+def _gptq_block(columns, fb, gid, scale, offset, safe, levels, bits, base, rounding, codes,
+                errs):  # pragma: no cover - compiled by numba
+    # columns, gid, base, codes, errs: [width, rows], one of the block's columns per row.
     f32 = np.float32
-    rows, width = block.shape
+    width, rows = columns.shape
     lv = f32(levels)
-    cell = np.empty(1, np.float32)  # a float's bits through memory: numba has no bit cast
-    cell_bits = cell.view(np.uint32)
-    e = np.empty(rows, np.float32)
+    d = np.empty(rows, np.float32)
+    m_bits = np.empty(rows, np.uint32)
+    m = m_bits.view(np.float32)  # base + delta, rounded on its bits (numba has no bit cast)
     for i in range(width):
+        col, g_i, q_i, e_i = columns[i], gid[i], codes[i], errs[i]
+        if bits == 1:
+            for r in range(rows):
+                q = f32(1) if col[r] >= f32(0) else f32(0)
+                q_i[r] = q
+                d[r] = f32(f32(f32(q * f32(2)) - f32(1)) * scale[g_i[r]])
+        else:
+            for r in range(rows):
+                g = g_i[r]
+                sc, off = scale[g], offset[g]
+                q = min(max(np.rint(f32(f32(col[r] - off) / safe[g])), f32(0)), lv)
+                q = f32(q * (f32(1) if sc > f32(0) else f32(0)))
+                q_i[r] = q
+                d[r] = f32(off + f32(q * sc))
+        if base.shape[0] > 0:
+            b_i = base[i]
+            for r in range(rows):
+                m[r] = f32(b_i[r] + d[r])
+            if rounding == 1:
+                for r in range(rows):
+                    u = m_bits[r]
+                    m_bits[r] = (np.uint32(0xFFFF0000)  # NaN, as torch's cast on x86
+                                 if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else
+                                 ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                                  >> np.uint32(16)) << np.uint32(16))
+            for r in range(rows):
+                d[r] = f32(m[r] - b_i[r])
         pivot = fb[i, i]
         for r in range(rows):
-            col = block[r, i]
-            g = gid[r, i]
-            sc = scale[g]
-            if bits == 1:
-                q = f32(1) if col >= f32(0) else f32(0)
-                d = f32(f32(f32(q * f32(2)) - f32(1)) * sc)
-            else:
-                off = offset[g]
-                q = min(max(np.rint(f32(f32(col - off) / safe[g])), f32(0)), lv)
-                q = f32(q * (f32(1) if sc > f32(0) else f32(0)))
-                d = f32(off + f32(q * sc))
-            if base.shape[0] > 0:
-                b = base[r, i]
-                m = f32(b + d)
-                if rounding == 1:
-                    cell[0] = m
-                    u = cell_bits[0]
-                    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                        cell_bits[0] = np.uint32(0xFFFF0000)  # NaN, as torch's cast on x86
-                    else:
-                        cell_bits[0] = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16))
-                                                                  & np.uint32(1)))
-                                        >> np.uint32(16)) << np.uint32(16)
-                    m = cell[0]
-                d = f32(m - b)
-            codes[r, i] = q
-            err = f32(f32(col - d) / pivot)
-            e[r] = err
-            errs[r, i] = err
-        for r in range(rows):
-            err = e[r]
-            for j in range(i, width):
-                block[r, j] = f32(block[r, j] - f32(err * fb[i, j]))
+            e_i[r] = f32(f32(col[r] - d[r]) / pivot)
+        for j in range(i, width):
+            f, c_j = fb[i, j], columns[j]
+            for r in range(rows):
+                c_j[r] = f32(c_j[r] - f32(e_i[r] * f))
 
 
 def _refit(codes: torch.Tensor, target: torch.Tensor, h: torch.Tensor,
