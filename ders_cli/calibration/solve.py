@@ -107,13 +107,11 @@ def _gptq_codes(target: torch.Tensor, base: torch.Tensor | None, factor: torch.T
     kernel = _block_kernel(w, base, dtype)
     for i1 in range(0, cols, BLOCK):
         i2 = min(i1 + BLOCK, cols)
-        block = w[:, i1:i2].clone()
-        errs = torch.empty_like(block)
         fb = factor[i1:i2, i1:i2]
         if kernel is not None:
             # Transposed, a column per row: every step of the kernel reads and writes whole
             # columns, in loops that vectorize.
-            columns = block.T.contiguous()
+            columns = w[:, i1:i2].T.clone(memory_format=torch.contiguous_format)
             gid = torch.div(row_start[None, :] + order[i1:i2, None], group_size,
                             rounding_mode="floor")
             got, errs_t = torch.empty_like(columns), torch.empty_like(columns)
@@ -124,6 +122,8 @@ def _gptq_codes(target: torch.Tensor, base: torch.Tensor | None, factor: torch.T
             codes[:, i1:i2] = got.T
             errs = errs_t.T.contiguous()  # the product below as before: a contiguous operand
         else:
+            block = w[:, i1:i2].clone()
+            errs = torch.empty_like(block)
             _torch_block(block, fb, errs, codes, i1, row_start, order, offset, scale, safe,
                          levels, bits, group_size, base, dtype)
         w[:, i2:] -= errs @ factor[i1:i2, i2:]
