@@ -74,9 +74,9 @@ def split_spec(spec: str, revision: str | None = None) -> tuple[str, str | None,
     return repo, file, (rev if at else revision)
 
 
-def check_repo_id(repo_id: str, param: str = "repo_id") -> str:
-    """``repo_id`` if it is a repo id others can load from the Hub: NAMESPACE/NAME, by
-    huggingface_hub's rules (characters, length); else a UsageError naming ``param``."""
+def check_repo_id(repo_id: str, param: str = "repo_id") -> None:
+    """A UsageError naming ``param`` unless ``repo_id`` is a repo id others can load from the
+    Hub: NAMESPACE/NAME, by huggingface_hub's rules (characters, length)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -87,7 +87,6 @@ def check_repo_id(repo_id: str, param: str = "repo_id") -> str:
     if not valid:
         raise UsageError(f"{param} must be a Hub repo id, NAMESPACE/NAME (letters, digits, "
                          f"'-', '_', '.'), got {repo_id!r}", param=param)
-    return repo_id
 
 
 def is_repo_id(spec: str | Path) -> bool:

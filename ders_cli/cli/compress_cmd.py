@@ -255,21 +255,20 @@ def compress_spec(drop: float | None, lossless: bool, rank: int | None, target_s
 
 
 def _run(model: str, spec: CodecSpec | SparseSpec | TargetSpec, out_path: str | None,
-         json: bool, quiet: bool, **options: object) -> None:
+         json: bool, quiet: bool, repo_id: str | None = None, **options: object) -> None:
     from ..compress import compress
     from .main import command_line
 
     start = time.perf_counter()
     with reported():
         result = compress(model, spec, out_path, reporter=RichReporter(quiet or json),
-                          command=command_line(), **options)
+                          command=command_line(), repo_id=repo_id, **options)
     if json:
         doc = result.to_dict()
         doc["seconds"] = time.perf_counter() - start
         print_json(doc)
     else:
-        repo_id = options.get("repo_id")
-        show(result, time.perf_counter() - start, repo_id if isinstance(repo_id, str) else None)
+        show(result, time.perf_counter() - start, repo_id)
 
 
 def show(r: CompressResult, seconds: float, repo_id: str | None = None) -> None:
